@@ -1,0 +1,1 @@
+"""nda_jax: Negative Data Augmentation in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""nda_jax.tools."""

@@ -1,0 +1,39 @@
+"""nda_jax: Negative Data Augmentation (Sinha et al., ICLR 2021) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "chex>=0.1.92",
+    "ml-collections>=1.1",
+    "absl-py>=2.1",
+    "clu>=0.0.12",                 # clu.metrics only (metric_writers needs TensorFlow)
+    "tensorflow-datasets>=4.9.10",  # used through tfds.data_source (array_record), no TensorFlow
+    "importlib_resources",         # needed by tfds, not declared by it
+    "grain>=0.2.18",
+    "dm-pix>=0.4.3",               # on-device colour / blur ops for positive views
+    "numpy>=2",
+    "scipy>=1.11",
+    "scikit-learn>=1.5",
+    "Pillow>=10",
+    "matplotlib>=3.8",
+    "tensorboardX>=2.6",
+]
+
+setup(
+    name="nda_jax",
+    version="0.1.0",
+    description="Negative Data Augmentation (NDA-GAN, NDA contrastive learning) in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["nda_jax", "nda_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        # Weight importers (official BigGAN-PyTorch / pytorch-fid checkpoints) and their parity tests.
+        "torch": ["torch>=2.1"],
+    },
+)
