@@ -1,0 +1,155 @@
+"""Embedded demo data: scikit-learn's 8x8 handwritten digits, no download.
+
+The only real images available offline (see JAX_NOTES section 8), so the demo
+configs and the tests train on them. Images are upsampled to `size`x`size`
+RGB uint8 to match the CIFAR-shaped models; "moving digits" clips give the
+video trainers (DPC, video NDA) a tiny real dataset as well.
+
+Preprocessing, fixed so that every run sees the same pixels:
+  * values 0..16 -> uint8 0..255 (`round(v * 255 / 16)`);
+  * a 1-pixel black border is added (10x10) so the upsampled digit does not
+    touch the image border, then PIL bilinear resize to `size`x`size`;
+  * the gray channel is replicated to RGB.
+Split: 30 examples of each class form 'test' (300, class-balanced), the other
+1,497 form 'train'; chosen by a fixed-seed numpy permutation per class and
+kept in the original order within each split.
+"""
+import functools
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "test", "all")
+NUM_CLASSES = 10
+NUM_EXAMPLES = 1797
+TEST_PER_CLASS = 30
+_SPLIT_SEED = 0
+_MOVING_SEED = 1234
+_BORDER = 1
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"Unknown digits split {split!r}; choose one of {SPLITS}.")
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+  """All 1,797 digits as uint8 [N,8,8] in 0..255 and int32 labels [N]."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  # slow import
+  bunch = datasets.load_digits()
+  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+  return images, bunch.target.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def split_indices(split: str) -> np.ndarray:
+  """Sorted indices into the 1,797 digits for `split` (deterministic)."""
+  _check_split(split)
+  _, labels = _raw_digits()
+  if split == "all":
+    return np.arange(len(labels))
+  rng = np.random.RandomState(_SPLIT_SEED)
+  test = np.concatenate([
+      rng.permutation(np.flatnonzero(labels == c))[:TEST_PER_CLASS]
+      for c in range(NUM_CLASSES)
+  ])
+  is_test = np.zeros(len(labels), bool)
+  is_test[test] = True
+  return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [N,h,w] gray -> uint8 [N,size,size] (1-px border, PIL bilinear)."""
+  if images.ndim != 3 or images.dtype != np.uint8:
+    raise ValueError(f"Expected uint8 [N,h,w], got {images.dtype} {images.shape}.")
+  padded = np.pad(images, ((0, 0), (_BORDER, _BORDER), (_BORDER, _BORDER)))
+  out = np.empty((len(images), size, size), np.uint8)
+  for i, img in enumerate(padded):
+    out[i] = np.asarray(
+        Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _gray_digits(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+  images, labels = _raw_digits()
+  idx = split_indices(split)
+  return upsample(images[idx], size), labels[idx]
+
+
+def load_digits(split: str, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """Digits of `split` as (uint8 [N,size,size,3], int32 [N]).
+
+  The arrays are cached and shared between calls: treat them as read-only.
+  """
+  _check_split(split)
+  if size < 8:
+    raise ValueError(f"size must be >= 8 (the digits are 8x8), got {size}.")
+  return _rgb_digits(split, size)
+
+
+@functools.lru_cache(maxsize=8)
+def _rgb_digits(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+  gray, labels = _gray_digits(split, size)
+  rgb = np.repeat(gray[..., None], 3, axis=-1)
+  rgb.flags.writeable = False
+  return rgb, labels
+
+
+def bounce(start: np.ndarray, velocity: np.ndarray, num_frames: int,
+           limit: int) -> np.ndarray:
+  """Integer positions [T, 2] of a point moving in [0, limit], reflecting at the ends."""
+  t = np.arange(num_frames)[:, None]
+  p = np.mod(start[None] + velocity[None] * t, 2 * limit)
+  return np.where(p > limit, 2 * limit - p, p)
+
+
+def moving_clip(digit: np.ndarray, rng: np.random.RandomState, num_frames: int,
+                size: int) -> np.ndarray:
+  """One clip uint8 [T,size,size] of `digit` (uint8 [d,d]) bouncing on a black canvas.
+
+  Start position is uniform; the velocity has a nonzero integer component of
+  magnitude 1..3 px/frame along each axis, so the digit always moves.
+  """
+  d = digit.shape[0]
+  limit = size - d
+  start = rng.randint(0, limit + 1, size=2)
+  velocity = rng.randint(1, 4, size=2) * rng.choice([-1, 1], size=2)
+  positions = bounce(start, velocity, num_frames, limit)
+  clip = np.zeros((num_frames, size, size), np.uint8)
+  for t, (y, x) in enumerate(positions):
+    clip[t, y:y + d, x:x + d] = digit
+  return clip
+
+
+def load_moving_digits(split: str, num_frames: int = 8, size: int = 32,
+                       digit_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Moving-digit clips as (uint8 [N,T,size,size,3], int32 [N]).
+
+  Clip i shows digit i of `split` (resized to `digit_size`) bouncing off the
+  canvas borders with constant speed; its trajectory is seeded by the digit's
+  global index, so a clip is the same whichever split it is read from. The
+  arrays are cached and shared between calls: treat them as read-only.
+  """
+  _check_split(split)
+  if not 8 <= digit_size < size:
+    raise ValueError(
+        f"Need 8 <= digit_size < size, got digit_size={digit_size}, size={size}.")
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
+  return _moving_digits(split, num_frames, size, digit_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _moving_digits(split: str, num_frames: int, size: int,
+                   digit_size: int) -> tuple[np.ndarray, np.ndarray]:
+  digits, labels = _gray_digits(split, digit_size)
+  clips = np.stack([
+      moving_clip(digit, np.random.RandomState([_MOVING_SEED, int(g)]),
+                  num_frames, size)
+      for digit, g in zip(digits, split_indices(split))
+  ])
+  clips = np.repeat(clips[..., None], 3, axis=-1)
+  clips.flags.writeable = False
+  return clips, labels
