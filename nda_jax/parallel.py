@@ -1,0 +1,162 @@
+"""Data parallelism: one per-device step function, run with shard_map (default) or pmap.
+
+A step is written once as a per-device function that averages what it must over
+the named axis `AXIS` (gradients, BN statistics, metrics). `DataParallel` runs
+it either with `jax.shard_map` under `jax.jit` over a 1-D `Mesh(('data',))`, or
+with `jax.pmap`; both must give the same numbers. The canonical (host-side,
+checkpointed) state is always unreplicated: `put_state` / `get_state` convert.
+"""
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+PARALLEL_KINDS = ("shard_map", "pmap")
+
+PyTree = Any
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process job when the launcher set the coordinator variables.
+
+  The launch scripts in `launch/` export NDA_COORDINATOR, NDA_NUM_PROCESSES and
+  NDA_PROCESS_ID; TPU VMs and SLURM need no variables (jax auto-detects them and
+  NDA_DISTRIBUTED=auto asks for that).
+  """
+  if os.environ.get("NDA_COORDINATOR"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["NDA_COORDINATOR"],
+        num_processes=int(os.environ["NDA_NUM_PROCESSES"]),
+        process_id=int(os.environ["NDA_PROCESS_ID"]),
+        initialization_timeout=int(os.environ.get("NDA_INIT_TIMEOUT", "300")))
+  elif os.environ.get("NDA_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+  logging.info("process %d/%d, %d local / %d global devices (%s)",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+def must_block_each_step() -> bool:
+  """XLA:CPU's collective rendezvous dead-locks on back-to-back collective steps.
+
+  Blocking on each step's output avoids it; on GPU/TPU blocking would only
+  waste async dispatch, so it is done on CPU with several devices only.
+  """
+  return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
+def example_index(local_batch: int) -> jax.Array:
+  """Global index of each example of this device's shard (inside a step).
+
+  Per-sample randomness is folded from it, so a run's numbers do not depend on
+  how many devices share the batch.
+  """
+  return jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
+
+
+def per_example_keys(rng: jax.Array, local_batch: int) -> jax.Array:
+  """One key per example of this device's shard, folded from the global index."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_index(local_batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+  """Runs per-device step functions over all devices along the axis `AXIS`.
+
+  `batch_axis` of a host batch is the axis split across devices (1 for batches
+  shaped [num_D_steps, B, ...], 0 for [B, ...]).
+  """
+  kind: str = "shard_map"
+
+  def __post_init__(self):
+    if self.kind not in PARALLEL_KINDS:
+      raise ValueError(f"config.parallel={self.kind!r}; valid choices: {PARALLEL_KINDS}")
+
+  @functools.cached_property
+  def mesh(self) -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), (AXIS,),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+
+  @property
+  def num_devices(self) -> int:
+    return jax.device_count()
+
+  # ---------------------------------------------------------------- state
+  def put_state(self, state: PyTree) -> PyTree:
+    """Canonical state -> replicated device state."""
+    if self.kind == "pmap":
+      devices = jax.local_devices()
+      return jax.tree.map(lambda a: _replicate_pmap(a, devices), state)
+    return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+  def get_state(self, state: PyTree) -> PyTree:
+    """Replicated device state -> canonical state (what is checkpointed)."""
+    if self.kind == "pmap":
+      return jax.tree.map(lambda a: a[0], state)
+    return state
+
+  def replicated_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  # ---------------------------------------------------------------- data
+  def shard_batch(self, host_batch: PyTree, batch_axis: int = 0) -> PyTree:
+    """This process's share of the global batch -> arrays split over devices."""
+    if self.kind == "pmap":
+      n = jax.local_device_count()
+
+      def split(x):
+        x = np.asarray(x)
+        if x.shape[batch_axis] % n:
+          raise ValueError(f"batch axis {batch_axis} of shape {x.shape} is not divisible by "
+                           f"{n} local devices")
+        x = np.moveaxis(x, batch_axis, 0)
+        x = x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        x = np.moveaxis(x, 1, batch_axis + 1)
+        return x
+      return jax.tree.map(split, host_batch)
+
+    def put(x):
+      x = np.asarray(x)
+      spec = P(*([None] * batch_axis + [AXIS]))
+      return jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), x)
+    return jax.tree.map(put, host_batch)
+
+  # ---------------------------------------------------------------- steps
+  def step(self, per_device_fn: Callable[..., Any], batch_axis: int = 0,
+           donate_state: bool = True) -> Callable[[PyTree, PyTree], Any]:
+    """Wraps `per_device_fn(state, batch) -> (state, metrics)` for all devices.
+
+    The returned state and metrics must be replicated across devices (the
+    function averages them with collectives over `AXIS`).
+    """
+    donate = (0,) if donate_state else ()
+    if self.kind == "pmap":
+      return jax.pmap(per_device_fn, axis_name=AXIS, donate_argnums=donate)
+    batch_spec = P(*([None] * batch_axis + [AXIS]))
+    # check_vma=False: gradients of replicated params w.r.t. per-device losses
+    # stay per-device (as under pmap) and are averaged explicitly with pmean.
+    mapped = jax.shard_map(per_device_fn, mesh=self.mesh, in_specs=(P(), batch_spec),
+                           out_specs=P(), check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate)
+
+  def map_fn(self, per_device_fn: Callable[..., Any], in_specs, out_specs) -> Callable[..., Any]:
+    """A jitted function over the mesh with explicit specs (evaluation, sampling)."""
+    return jax.jit(jax.shard_map(per_device_fn, mesh=self.mesh, in_specs=in_specs,
+                                 out_specs=out_specs, check_vma=False))
+
+  def unreplicate_metrics(self, metrics: PyTree) -> dict[str, float]:
+    if self.kind == "pmap":
+      metrics = jax.tree.map(lambda a: a[0], metrics)
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _replicate_pmap(a, devices):
+  """`device_put_replicated` is gone from jax: stack one copy per device; pmap places it."""
+  return np.stack([np.asarray(jax.device_get(a))] * len(devices))

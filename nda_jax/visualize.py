@@ -1,0 +1,37 @@
+"""Image grids for sample sheets (PNG), shared by trainers and tools."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8, the way the official sampler converts (255 * (x + 1) / 2)."""
+  images = np.asarray(images, np.float32)
+  return np.clip(np.round(255.0 * (images + 1.0) / 2.0), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, ncol: int, pad: int = 1) -> np.ndarray:
+  """[N, H, W, C] uint8 -> one [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] image."""
+  n, h, w, c = images.shape
+  nrow = -(-n // ncol)
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = images[i]
+  return grid
+
+
+def save_grid(path: str, images: np.ndarray, ncol: int, scale: int = 1) -> None:
+  """Saves [-1, 1] float or uint8 images as one PNG grid (upscaled by `scale`)."""
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  grid = image_grid(images, ncol)
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  img = Image.fromarray(grid)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img.save(path)
