@@ -15,6 +15,8 @@ Split: 30 examples of each class form 'test' (300, class-balanced), the other
 kept in the original order within each split.
 """
 import functools
+import importlib.util
+import os
 
 import numpy as np
 from PIL import Image
@@ -35,11 +37,26 @@ def _check_split(split: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-  """All 1,797 digits as uint8 [N,8,8] in 0..255 and int32 labels [N]."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top  # slow import
-  bunch = datasets.load_digits()
-  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-  return images, bunch.target.astype(np.int32)
+  """All 1,797 digits as uint8 [N,8,8] in 0..255 and int32 labels [N].
+
+  Reads the CSV that scikit-learn ships (what `load_digits` parses) without
+  importing scikit-learn, which takes seconds; uses its API if the file moved.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  csv = os.path.join(os.path.dirname(spec.origin), "datasets", "data",
+                     "digits.csv.gz") if spec and spec.origin else ""
+  if os.path.isfile(csv):
+    table = np.loadtxt(csv, delimiter=",")
+    values, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+  else:
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    bunch = datasets.load_digits()
+    values, target = bunch.images, bunch.target
+  if values.shape != (NUM_EXAMPLES, 8, 8):
+    raise ValueError(f"scikit-learn digits have shape {values.shape}, expected "
+                     f"({NUM_EXAMPLES}, 8, 8); reinstall scikit-learn.")
+  images = np.round(values * (255.0 / 16.0)).astype(np.uint8)
+  return images, target.astype(np.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,13 +126,15 @@ def moving_clip(digit: np.ndarray, rng: np.random.RandomState, num_frames: int,
                 size: int) -> np.ndarray:
   """One clip uint8 [T,size,size] of `digit` (uint8 [d,d]) bouncing on a black canvas.
 
-  Start position is uniform; the velocity has a nonzero integer component of
-  magnitude 1..3 px/frame along each axis, so the digit always moves.
+  Start position is uniform; along each axis the speed is 1 or 3 px/frame in
+  a random direction. Odd speeds matter: an even one can bounce back onto the
+  same position (e.g. 15 -> 17 -> 15 against a wall at 16), so the digit would
+  sometimes stand still for a frame.
   """
   d = digit.shape[0]
   limit = size - d
   start = rng.randint(0, limit + 1, size=2)
-  velocity = rng.randint(1, 4, size=2) * rng.choice([-1, 1], size=2)
+  velocity = rng.choice([1, 3], size=2) * rng.choice([-1, 1], size=2)
   positions = bounce(start, velocity, num_frames, limit)
   clip = np.zeros((num_frames, size, size), np.uint8)
   for t, (y, x) in enumerate(positions):
