@@ -17,11 +17,13 @@ def gan_config() -> ml_collections.ConfigDict:
   c.trainer = "gan"
   c.seed = 2
   c.parallel = "shard_map"              # or "pmap": same numbers
+  c.max_devices = 0                     # 0: every device; n: the first n (one process)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.split = "train"
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
   c.data.image_size = 32
   c.data.channels = 3
   c.data.num_classes = 10

@@ -5,6 +5,7 @@ hands over to the trainer named by `config.trainer`.
 """
 import importlib
 import json
+import logging as std_logging
 import os
 
 from absl import app
@@ -44,9 +45,17 @@ def load_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps the progress log readable: Orbax logs every save at INFO."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.maybe_initialize_distributed()
   config = _CONFIG.value
   trainer = get_trainer(config.trainer)

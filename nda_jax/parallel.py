@@ -74,26 +74,37 @@ class DataParallel:
   shaped [num_D_steps, B, ...], 0 for [B, ...]).
   """
   kind: str = "shard_map"
+  max_devices: int = 0   # 0: all devices; n: the first n (single-process only)
 
   def __post_init__(self):
     if self.kind not in PARALLEL_KINDS:
       raise ValueError(f"config.parallel={self.kind!r}; valid choices: {PARALLEL_KINDS}")
+    if self.max_devices and jax.process_count() > 1:
+      raise ValueError("max_devices applies to single-process runs only")
+
+  @functools.cached_property
+  def devices(self) -> list[jax.Device]:
+    devices = jax.devices()
+    return devices[:self.max_devices] if self.max_devices else devices
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.device_count(),), (AXIS,),
+    return jax.make_mesh((len(self.devices),), (AXIS,), devices=self.devices,
                          axis_types=(jax.sharding.AxisType.Explicit,))
 
   @property
   def num_devices(self) -> int:
-    return jax.device_count()
+    return len(self.devices)
+
+  @property
+  def _local_devices(self) -> list[jax.Device]:
+    return [d for d in self.devices if d.process_index == jax.process_index()]
 
   # ---------------------------------------------------------------- state
   def put_state(self, state: PyTree) -> PyTree:
     """Canonical state -> replicated device state."""
     if self.kind == "pmap":
-      devices = jax.local_devices()
-      return jax.tree.map(lambda a: _replicate_pmap(a, devices), state)
+      return jax.tree.map(lambda a: _replicate_pmap(a, len(self._local_devices)), state)
     return jax.device_put(state, NamedSharding(self.mesh, P()))
 
   def get_state(self, state: PyTree) -> PyTree:
@@ -109,7 +120,7 @@ class DataParallel:
   def shard_batch(self, host_batch: PyTree, batch_axis: int = 0) -> PyTree:
     """This process's share of the global batch -> arrays split over devices."""
     if self.kind == "pmap":
-      n = jax.local_device_count()
+      n = len(self._local_devices)
 
       def split(x):
         x = np.asarray(x)
@@ -138,7 +149,8 @@ class DataParallel:
     """
     donate = (0,) if donate_state else ()
     if self.kind == "pmap":
-      return jax.pmap(per_device_fn, axis_name=AXIS, donate_argnums=donate)
+      return jax.pmap(per_device_fn, axis_name=AXIS, donate_argnums=donate,
+                      devices=self.devices)
     batch_spec = P(*([None] * batch_axis + [AXIS]))
     # check_vma=False: gradients of replicated params w.r.t. per-device losses
     # stay per-device (as under pmap) and are averaged explicitly with pmean.
@@ -157,6 +169,6 @@ class DataParallel:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _replicate_pmap(a, devices):
+def _replicate_pmap(a, num_devices: int):
   """`device_put_replicated` is gone from jax: stack one copy per device; pmap places it."""
-  return np.stack([np.asarray(jax.device_get(a))] * len(devices))
+  return np.stack([np.asarray(jax.device_get(a))] * num_devices)

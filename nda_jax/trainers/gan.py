@@ -55,10 +55,13 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 def build_models(config: ml_collections.ConfigDict, axis_name: str | None = parallel.AXIS):
   """(G, D) as configured; G's BN averages statistics over `axis_name` when set."""
   m = config.model
+  if m.sample_bn not in ("batch", "running"):
+    raise ValueError(f"config.model.sample_bn={m.sample_bn!r}; valid choices: ('batch', 'running')")
   common_kw = dict(ch=m.ch, resolution=config.data.image_size, n_classes=num_classes(config),
                    conv_impl=m.conv_impl)
-  generator = biggan.Generator(dim_z=m.dim_z, axis_name=axis_name, **common_kw)
-  discriminator = biggan.Discriminator(**common_kw)
+  generator = biggan.Generator(dim_z=m.dim_z, axis_name=axis_name, out_channels=config.data.channels,
+                               sample_with_batch_stats=m.sample_bn == "batch", **common_kw)
+  discriminator = biggan.Discriminator(in_channels=config.data.channels, **common_kw)
   return generator, discriminator
 
 
@@ -81,7 +84,9 @@ def init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> GANState:
       g_params=g_vars["params"], g_stats=g_vars.get("batch_stats", {}),
       d_params=d_vars["params"], d_stats=d_vars.get("batch_stats", {}),
       g_opt=g_tx.init(g_vars["params"]), d_opt=d_tx.init(d_vars["params"]),
-      ema_params=g_vars["params"], ema_stats=g_vars.get("batch_stats", {}))
+      # Copies: the EMA must not alias G's buffers (the state is donated to each step).
+      ema_params=jax.tree.map(jnp.copy, g_vars["params"]),
+      ema_stats=jax.tree.map(jnp.copy, g_vars.get("batch_stats", {})))
 
 
 # ------------------------------------------------------------------ one iteration
@@ -201,20 +206,12 @@ def make_sampler(config: ml_collections.ConfigDict, ema: bool = True) -> Callabl
   A batch sharded over the mesh gives the same result as on one device.
   """
   generator, _ = build_models(config, axis_name=None)
-  mode = config.model.sample_bn
-  if mode not in ("batch", "running"):
-    raise ValueError(f"config.model.sample_bn={mode!r}; valid choices: ('batch', 'running')")
 
   @jax.jit
   def sample(state: GANState, z: jax.Array, y: jax.Array) -> jax.Array:
     params, stats = ((state.ema_params, state.ema_stats) if ema
                      else (state.g_params, state.g_stats))
-    variables = {"params": params, "batch_stats": stats}
-    if mode == "batch":
-      images, _ = generator.apply(variables, z, y, train=True, mutable=["batch_stats"])
-    else:
-      images = generator.apply(variables, z, y, train=False)
-    return images
+    return generator.apply({"params": params, "batch_stats": stats}, z, y, train=False)
   return sample
 
 
@@ -266,12 +263,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` when it holds a checkpoint); returns the last metrics."""
-  dp = parallel.DataParallel(config.parallel)
+  dp = parallel.DataParallel(config.parallel, config.max_devices)
   validate(config, dp.num_devices)
   per_iteration = config.train.batch_size * config.train.num_d_steps
   data_iter = pipeline.make_train_iterator(
       config.data, global_batch_size=per_iteration, seed=config.seed)
-  steps_total = total_steps(config, data_iter.num_examples)
+  if data_iter.num_classes != config.data.num_classes:
+    raise ValueError(f"config.data.num_classes={config.data.num_classes} but {data_iter.source!r} "
+                     f"has {data_iter.num_classes} classes")
+  steps_total = total_steps(config, len(data_iter.source))
 
   checkpointer = ckpt_lib.Checkpointer(
       workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
@@ -283,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract = ckpt_lib.abstract_like(state, dp.replicated_sharding())
     state, data_state = checkpointer.restore(start, abstract)
     if data_state is not None:
-      data_iter.set_state(data_state)
+      data_iter.set_state(data_state.encode())
     logging.info("resumed from step %d in %s", start, workdir)
   first_step = int(jax.device_get(state.step))
   state = dp.put_state(state)
@@ -299,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = first_step
 
   def save(step, eval_metrics=None):
-    checkpointer.save(step, dp.get_state(state), data_iter.get_state(), metrics=eval_metrics)
+    checkpointer.save(step, dp.get_state(state), data_iter.get_state().decode(),
+                      metrics=eval_metrics)
 
   try:
     while step < steps_total:
@@ -366,3 +367,62 @@ def _sample_for_eval(config, sampler, state, rng: jax.Array, num: int) -> np.nda
   z = np.asarray(jax.random.normal(z_key, (num, config.model.dim_z), jnp.float32))
   y = np.asarray(jax.random.randint(y_key, (num,), 0, n_classes, jnp.int32))
   return sample_in_batches(sampler, state, z, y, config.eval.sample_batch_size)
+
+
+# ------------------------------------------------------------------ checkpoints outside training
+def _checkpointer(config, workdir: str) -> ckpt_lib.Checkpointer:
+  return ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                               keep_best=config.checkpoint.keep_best,
+                               best_metric=config.checkpoint.best_metric,
+                               best_mode=config.checkpoint.best_mode, async_save=False)
+
+
+def load_state(config, workdir: str, which: str | int = "latest") -> GANState:
+  """The TrainState of a run's checkpoint ('latest', 'best' or a step), on one device."""
+  checkpointer = _checkpointer(config, workdir)
+  try:
+    step = checkpointer.resolve_step(which)
+    abstract = jax.eval_shape(functools.partial(init_state, config), jax.random.PRNGKey(0))
+    abstract = ckpt_lib.abstract_like(
+        abstract, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    state, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  return state
+
+
+def save_imported(workdir: str, config, generator_vars: PyTree, discriminator_vars: PyTree,
+                  ema_generator_vars: PyTree | None = None) -> GANState:
+  """Writes imported weights (e.g. the official PyTorch release) as a step-0 checkpoint.
+
+  Optimizer states start fresh; `main` on the same workdir fine-tunes from it and
+  `sample` / `eval` read it like any checkpoint.
+  """
+  state = init_state(config, jax.random.PRNGKey(config.seed))
+  ema = ema_generator_vars or generator_vars
+
+  def checked(new, old, what):
+    if jax.tree.structure(new) != jax.tree.structure(old):
+      raise ValueError(f"imported {what} does not match the configured model's structure")
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+      if np.shape(a) != np.shape(b):
+        raise ValueError(f"imported {what} has a leaf of shape {np.shape(a)}; the configured "
+                         f"model expects {np.shape(b)} (check config.model.ch / conditional)")
+    return jax.tree.map(jnp.asarray, new)
+
+  state = state.replace(
+      g_params=checked(generator_vars["params"], state.g_params, "G params"),
+      g_stats=checked(generator_vars["batch_stats"], state.g_stats, "G batch_stats"),
+      d_params=checked(discriminator_vars["params"], state.d_params, "D params"),
+      d_stats=checked(discriminator_vars["batch_stats"], state.d_stats, "D batch_stats"),
+      ema_params=checked(ema["params"], state.ema_params, "G_ema params"),
+      ema_stats=checked(ema["batch_stats"], state.ema_stats, "G_ema batch_stats"))
+  g_tx = make_optimizer(config.optim.g_lr, config.optim)
+  d_tx = make_optimizer(config.optim.d_lr, config.optim)
+  state = state.replace(g_opt=g_tx.init(state.g_params), d_opt=d_tx.init(state.d_params))
+  checkpointer = _checkpointer(config, workdir)
+  try:
+    checkpointer.save(0, state, force=True)
+  finally:
+    checkpointer.close()
+  return state

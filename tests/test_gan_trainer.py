@@ -1,0 +1,195 @@
+"""The NDA-GAN trainer: device-count invariance, shard_map == pmap, exact resume, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nda_jax import checkpoint as ckpt_lib
+from nda_jax import parallel
+from nda_jax.trainers import gan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.checkpoint.async_save = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_iterations(config, num: int, kind="shard_map", max_devices=0):
+  """`num` iterations on a fixed host batch stream; returns the canonical state."""
+  dp = parallel.DataParallel(kind, max_devices)
+  state = dp.put_state(gan.init_state(config, jax.random.PRNGKey(0)))
+  step = dp.step(gan.make_iteration(config), batch_axis=1)
+  rng = np.random.RandomState(0)
+  b, nd, s = config.train.batch_size, config.train.num_d_steps, config.data.image_size
+  for _ in range(num):
+    batch = {"image": rng.randint(0, 256, (nd, b, s, s, 3)).astype(np.uint8),
+             "label": rng.randint(0, 10, (nd, b)).astype(np.int32)}
+    state, metrics = step(state, dp.shard_batch(batch, batch_axis=1))
+    jax.block_until_ready(metrics)
+  return jax.device_get(dp.get_state(state)), dp.unreplicate_metrics(metrics)
+
+
+def assert_states_close(a, b, rtol=2e-4, atol=2e-5):
+  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def eight_device_run():
+  return run_iterations(tiny_config(), 2)
+
+
+def test_one_device_equals_eight_devices(eight_device_run):
+  assert jax.device_count() == 8
+  one, _ = run_iterations(tiny_config(), 2, max_devices=1)
+  eight, _ = eight_device_run
+  assert_states_close(one, eight)
+
+
+def test_shard_map_equals_pmap(eight_device_run):
+  pmapped, _ = run_iterations(tiny_config(), 2, kind="pmap")
+  eight, _ = eight_device_run
+  assert_states_close(pmapped, eight)
+
+
+def test_iteration_updates_and_reports(eight_device_run):
+  state, metrics = eight_device_run
+  fresh = gan.init_state(tiny_config(), jax.random.PRNGKey(0))
+  assert int(state.step) == 2
+  for name in ("g_params", "d_params"):
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(getattr(state, name)),
+                                                   jax.tree.leaves(getattr(fresh, name)))]
+    assert all(moved), name
+  for key in ("d_loss", "g_loss", "d_loss_real", "d_loss_fake", "d_loss_nda", "d_real", "d_fake",
+              "d_nda", "d_grad_norm", "g_grad_norm"):
+    assert np.isfinite(metrics[key]), key
+  # Before ema_start the EMA is an exact copy of G (params and statistics).
+  assert_states_close(state.ema_params, state.g_params, rtol=0, atol=0)
+  assert_states_close(state.ema_stats, state.g_stats, rtol=0, atol=0)
+
+
+def test_ema_after_start_is_the_decayed_average():
+  config = tiny_config(**{"train.ema_start": 0, "train.ema_decay": 0.5})
+  one, _ = run_iterations(config, 1)
+  fresh = gan.init_state(config, jax.random.PRNGKey(0))
+  expected = jax.tree.map(lambda e, g: 0.5 * e + 0.5 * g, fresh.ema_params, one.g_params)
+  assert_states_close(one.ema_params, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_beta_zero_ignores_nda_images():
+  """With beta=0 the NDA batch cannot influence training (baseline BigGAN)."""
+  jig = run_iterations(tiny_config(**{"loss.alpha": 1.0, "loss.beta": 0.0}), 1)[0]
+  cut = run_iterations(tiny_config(**{"loss.alpha": 1.0, "loss.beta": 0.0,
+                                      "nda.name": "cutout"}), 1)[0]
+  assert_states_close(jig.d_params, cut.d_params, rtol=1e-6, atol=1e-7)
+  with_nda = run_iterations(tiny_config(), 1)[0]
+  with_cut = run_iterations(tiny_config(**{"nda.name": "cutout"}), 1)[0]
+  assert not np.allclose(jax.tree.leaves(with_nda.d_params)[0],
+                         jax.tree.leaves(with_cut.d_params)[0])
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def test_resume_is_exact(tmp_path):
+  """4 iterations straight == 2 iterations, restart from the checkpoint, 2 more."""
+  straight = tiny_config(**{"train.total_steps": 4})
+  gan.train_and_evaluate(straight, str(tmp_path / "straight"))
+  split_dir = str(tmp_path / "split")
+  gan.train_and_evaluate(tiny_config(**{"train.total_steps": 2}), split_dir)
+  assert ckpt_lib.Checkpointer(split_dir).latest_step() == 2
+  gan.train_and_evaluate(tiny_config(**{"train.total_steps": 4}), split_dir)
+  a = gan.load_state(straight, str(tmp_path / "straight"))
+  b = gan.load_state(straight, split_dir)
+  assert int(a.step) == int(b.step) == 4
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_main_writes_checkpoint_metrics_samples_and_config(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(
+      [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo.py:tiny",
+       f"--workdir={workdir}", "--config.checkpoint.async_save=False"],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["d_loss"]) and r["img_per_sec"] > 0 for r in records)
+  assert sorted(os.listdir(workdir / "samples")) == ["step_0000002.png", "step_0000004.png"]
+  assert ckpt_lib.Checkpointer(str(workdir)).latest_step() == 4
+  assert json.load(open(workdir / "config.json"))["nda"]["name"] == "jigsaw"
+  assert os.listdir(workdir / "tensorboard")
+  assert "img/s" in proc.stderr and "ETA" in proc.stderr
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo.py:tiny",
+         f"--workdir={workdir}", "--config.train.total_steps=100000",
+         "--config.checkpoint.every=100000", "--config.sample.every=0"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=REPO)
+  lines = []
+  deadline = time.time() + 300
+  while time.time() < deadline:     # Wait until training is under way.
+    line = proc.stdout.readline()
+    lines.append(line)
+    if "step 3/" in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, "".join(lines) + out[-3000:]
+  saved = ckpt_lib.Checkpointer(str(workdir)).latest_step()
+  assert saved is not None and saved >= 3
+  # The run resumes from it: two more iterations after the saved step.
+  cmd[4] = f"--config.train.total_steps={saved + 2}"
+  resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {saved}" in resumed.stderr
+  assert ckpt_lib.Checkpointer(str(workdir)).latest_step() == saved + 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.nda.name=jigsawz", "jigsaw"),
+    ("--config.nda_typo=1", "nda_typo"),
+    ("--config.parallel=tpu", "shard_map"),
+])
+def test_bad_config_gives_a_clear_error(tmp_path, override, message):
+  proc = subprocess.run(
+      [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo.py:tiny",
+       f"--workdir={tmp_path}", override], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+
+
+def test_bad_config_variant_names_the_choices():
+  from nda_jax import config_lib
+  with pytest.raises(ValueError, match="baseline"):
+    config_lib.parse_variants("cond,bogus", ("cond", "baseline"))
