@@ -1,0 +1,197 @@
+"""Host input pipelines (grain): per-process uint8 batches with resumable state.
+
+Train: an endless (or `num_epochs`) shuffled stream of this process's share
+of the global batch. Each process reads a fixed, disjoint 1/process_count of
+the examples (grain's ShardOptions with drop_remainder, so every process has
+the same number of batches) and reshuffles it every epoch; batches run across
+epoch boundaries. `get_state()` / `set_state()` checkpoint the position
+exactly. Turning host batches into one global jax.Array is parallel.py's job.
+
+Eval: one deterministic pass over a split; the last batch is padded and
+`mask` marks real examples, so every example counts exactly once and every
+process yields the same number of batches.
+
+`cfg.worker_count` (default 0) > 0 decodes in grain worker processes. Grain
+reads absl flags in them: under `absl.app.run` that just works; elsewhere
+(notebooks, pytest) the flags are marked as parsed here (JAX_NOTES, grain).
+Each grain worker batches its own share of the examples, so the train batch
+order depends on worker_count and a saved state restores only under the same
+worker_count (grain checks). Eval records are whole batches, so its output
+does not depend on worker_count.
+"""
+from collections.abc import Iterator
+import math
+
+import chex
+import grain.python as gp
+import ml_collections
+import numpy as np
+
+from nda_jax.data import sources
+
+Batch = dict[str, np.ndarray]
+
+
+def _processes(process_index: int | None,
+               process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"Need 0 <= process_index < process_count, got "
+                     f"{process_index}, {process_count}.")
+  return process_index, process_count
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} must be a positive "
+                     f"multiple of the process count {process_count}.")
+  return global_batch_size // process_count
+
+
+def _worker_count(cfg: ml_collections.ConfigDict) -> int:
+  count = cfg.get("worker_count", 0)
+  if count:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+  return count
+
+
+def _check_batch(batch: Batch, size: int, shape: tuple[int, ...]) -> Batch:
+  chex.assert_shape(batch["image"], (size, *shape))
+  chex.assert_type(batch["image"], np.uint8)
+  chex.assert_shape(batch["label"], (size,))
+  chex.assert_type(batch["label"], np.int32)
+  return batch
+
+
+class TrainIterator(Iterator[Batch]):
+  """Yields {'image': uint8 [b, *element_shape], 'label': int32 [b]}."""
+
+  def __init__(self, loader: gp.DataLoader, source: sources.Source,
+               batch_size: int):
+    self._loader = loader
+    self._iter = iter(loader)
+    self.source = source
+    self.batch_size = batch_size
+    self.num_classes = source.num_classes
+    self.element_shape = tuple(source.element_shape)
+
+  def __next__(self) -> Batch:
+    return _check_batch(next(self._iter), self.batch_size, self.element_shape)
+
+  def get_state(self) -> bytes:
+    """Position in the stream (JSON bytes), for the checkpoint."""
+    return self._iter.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    """Continues exactly after the batch at which `state` was taken."""
+    self._iter.set_state(state)
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, global_batch_size: int,
+                        seed: int, *, process_index: int | None = None,
+                        process_count: int | None = None,
+                        num_epochs: int | None = None) -> TrainIterator:
+  """Shuffled training batches of `cfg.train_split` (default 'train').
+
+  Args:
+    cfg: the `data` config (see sources.py); also `train_split`, `worker_count`.
+    global_batch_size: examples per step over all processes.
+    seed: shuffle seed (taken modulo 2**32).
+    process_index, process_count: this process's shard; default from JAX.
+    num_epochs: None repeats forever.
+  """
+  process_index, process_count = _processes(process_index, process_count)
+  batch_size = _local_batch(global_batch_size, process_count)
+  source = sources.make_source(cfg, cfg.get("train_split", "train"))
+  shard = gp.ShardOptions(process_index, process_count, drop_remainder=True)
+  if len(source) // process_count < batch_size and num_epochs is not None:
+    raise ValueError(f"{source!r} gives each of {process_count} processes fewer "
+                     f"than one batch of {batch_size} per epoch.")
+  sampler = gp.IndexSampler(len(source), shard, shuffle=True,
+                            num_epochs=num_epochs, seed=int(seed) % 2**32)
+  loader = gp.DataLoader(data_source=source, sampler=sampler,
+                         operations=[gp.Batch(batch_size, drop_remainder=True)],
+                         worker_count=_worker_count(cfg), shard_options=shard)
+  return TrainIterator(loader, source, batch_size)
+
+
+class _EvalBatches:
+  """Batch j of `source` at `indices` (index -1: a zero example, mask False).
+
+  Whole batches are the records, so grain workers cannot split one (each
+  worker would otherwise batch its own examples and leave partial batches).
+  """
+
+  def __init__(self, source: sources.Source, indices: np.ndarray, batch_size: int):
+    self._source = source
+    self._indices = indices.reshape(-1, batch_size)
+    self._blank = {"image": np.zeros(source.element_shape, np.uint8),
+                   "label": np.int32(0)}
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, j: int) -> Batch:
+    rows = self._indices[j]
+    examples = [self._source[int(i)] if i >= 0 else self._blank for i in rows]
+    return {"image": np.stack([e["image"] for e in examples]),
+            "label": np.array([e["label"] for e in examples], np.int32),
+            "mask": rows >= 0}
+
+  def __repr__(self) -> str:
+    return f"_EvalBatches({self._source!r}, batches={len(self)})"
+
+
+class EvalData:
+  """Re-iterable: each pass yields the split once, plus `mask` [b] (bool)."""
+
+  def __init__(self, loader: gp.DataLoader, source: sources.Source,
+               batch_size: int, num_batches: int):
+    self._loader = loader
+    self.source = source
+    self.batch_size = batch_size
+    self.num_classes = source.num_classes
+    self.element_shape = tuple(source.element_shape)
+    self.num_examples = len(source)
+    self._num_batches = num_batches
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self) -> Iterator[Batch]:
+    for batch in self._loader:
+      chex.assert_shape(batch["mask"], (self.batch_size,))
+      chex.assert_type(batch["mask"], bool)
+      yield _check_batch(batch, self.batch_size, self.element_shape)
+
+
+def make_eval_iterator(cfg: ml_collections.ConfigDict, split: str,
+                       batch_size: int, *, process_index: int | None = None,
+                       process_count: int | None = None) -> EvalData:
+  """Every example of `split` once, in order, over padded global batches.
+
+  Process p reads the p-th contiguous block of ceil(N / process_count)
+  examples; `batch_size` is global, as in training.
+  """
+  process_index, process_count = _processes(process_index, process_count)
+  local = _local_batch(batch_size, process_count)
+  source = sources.make_source(cfg, split)
+  n = len(source)
+  per_process = math.ceil(n / process_count)
+  num_batches = math.ceil(per_process / local)
+  start = process_index * per_process
+  mine = np.arange(start, min(start + per_process, n))
+  indices = np.full(num_batches * local, -1, np.int64)
+  indices[:len(mine)] = mine
+  batches = _EvalBatches(source, indices, local)
+  loader = gp.DataLoader(
+      data_source=batches,
+      sampler=gp.IndexSampler(len(batches), gp.NoSharding(), shuffle=False,
+                              num_epochs=1),
+      worker_count=_worker_count(cfg))
+  return EvalData(loader, source, local, num_batches)
