@@ -1,0 +1,342 @@
+"""Anomaly detection with a GAN discriminator: score = D(x), AUROC in-dist vs OOD.
+
+The paper (§4.4) scores images with the raw output of the NDA-trained
+discriminator (higher = more in-distribution) and reports the AUROC between
+the in-distribution test set (the positives) and each out-of-distribution set:
+  * CIFAR-10-C: `<dir>/<corruption>.npy` (uint8 [50000, 32, 32, 3] = 5
+    severities x the 10k test images, severity 1 first) and `labels.npy`;
+    the AUROC over all 50k (as the official leftover code) and per severity;
+  * other data sources (SVHN, CIFAR-100, ... through `nda_jax.data`);
+  * NDA-transformed in-distribution test images (jigsaw, stitch, ...);
+  * image sets that need no download (`SYNTHETIC`: patches of the photos that
+    ship with scikit-learn, uniform noise), for the demo.
+Images are fed in the training normalisation, [-1, 1]. The official leftover
+code (train_fns_aug.py:GAN_log_function) fed x / 255 in [0, 1] instead, which
+is not what D was trained on; we do not reproduce that.
+
+  score_fn(images, labels) -> [B] scores, images a float32 [-1, 1] global
+  jax.Array [B, H, W, C] split over the mesh axis 'data', labels int32 [B].
+  Labels are zeros (as the official code, which ran D with y = 0) unless
+  `labels='given'`, which passes each set's own labels (a conditional D).
+
+Config (config.eval.anomaly, a ConfigDict; in-dist data is config.data):
+  split        in-distribution split (default 'test').
+  batch_size   global batch size of score_fn calls (default 500).
+  max_examples at most this many images per set (per severity for CIFAR-10-C).
+  labels       'zeros' (default) or 'given'.
+  cifar10c_dir directory of the CIFAR-10-C .npy files (None: skip).
+  corruptions  CIFAR-10-C corruptions (default: the official 19).
+  ood_data     list of data configs (`nda_jax.data` keys, plus `split`,
+               default 'test', and `label`, the table name).
+  ndas         list of NDA configs (a name, or {'name', 'params', 'probs'}).
+  synthetic    names from SYNTHETIC.
+  seed         NDA and synthetic-set seed (default 0).
+  out_dir      where anomaly.json / anomaly.md go (default <workdir>/anomaly).
+"""
+from collections.abc import Callable, Iterable, Iterator, Mapping
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+from PIL import Image
+from sklearn import metrics as sk_metrics
+
+from nda_jax.evaluators import features as features_lib
+
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+# The 19 corruptions the official code loads (train_fns_aug.py), file stems.
+CIFAR10C_CORRUPTIONS = (
+    "elastic_transform", "jpeg_compression", "speckle_noise", "gaussian_noise",
+    "gaussian_blur", "zoom_blur", "brightness", "contrast", "defocus_blur", "fog",
+    "frost", "glass_blur", "impulse_noise", "motion_blur", "pixelate", "saturate",
+    "shot_noise", "snow", "spatter")
+CIFAR10C_SEVERITIES = 5
+CIFAR10C_URL = "https://zenodo.org/record/2535967"
+LABEL_MODES = ("zeros", "given")
+
+
+def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+  """Area under the ROC curve; in-distribution is the positive class (higher score)."""
+  y = np.concatenate([np.ones(len(in_scores)), np.zeros(len(ood_scores))])
+  return float(sk_metrics.roc_auc_score(y, np.concatenate([in_scores, ood_scores])))
+
+
+# --------------------------------------------------------------------- synthetic OOD sets
+def photo_patches(num: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+  """Random square crops of scikit-learn's sample photos, resized to `shape` (uint8)."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  photos = datasets.load_sample_images().images
+  rng = np.random.RandomState(seed)
+  h, w, c = shape
+  out = np.empty((num, h, w, c), np.uint8)
+  for i in range(num):
+    photo = photos[rng.randint(len(photos))]
+    side = rng.randint(min(photo.shape[:2]) // 8, min(photo.shape[:2]) // 2)
+    y, x = rng.randint(photo.shape[0] - side), rng.randint(photo.shape[1] - side)
+    patch = Image.fromarray(photo[y:y + side, x:x + side]).resize((w, h), Image.Resampling.BILINEAR)
+    patch = np.asarray(patch)
+    out[i] = patch.mean(axis=-1, keepdims=True).astype(np.uint8) if c == 1 else patch[..., :c]
+  return out
+
+
+def uniform_noise(num: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+  return np.random.RandomState(seed).randint(0, 256, (num, *shape)).astype(np.uint8)
+
+
+SYNTHETIC: dict[str, Callable[[int, tuple[int, ...], int], np.ndarray]] = {
+    "photo_patches": photo_patches,
+    "uniform_noise": uniform_noise,
+}
+
+
+# --------------------------------------------------------------------------- scoring
+def round_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the device count."""
+  n = mesh.devices.size
+  return -(-batch_size // n) * n
+
+
+class Scorer:
+  """Runs score_fn over host image sets in fixed-size global batches."""
+
+  def __init__(self, score_fn: ScoreFn, batch_size: int, mesh: jax.sharding.Mesh | None = None,
+               labels: str = "zeros", channels: int = 3):
+    if labels not in LABEL_MODES:
+      raise ValueError(f"labels={labels!r}; valid choices: {LABEL_MODES}")
+    self.mesh = mesh or features_lib.default_mesh()
+    self.batch_size = round_batch(batch_size, self.mesh)
+    self.local_batch = self.batch_size // jax.process_count()
+    self._score_fn = score_fn
+    self._sharding = NamedSharding(self.mesh, P(features_lib.AXIS))
+    self._zero_labels = labels == "zeros"
+    self.channels = channels
+
+  def _score_batch(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """This process's padded local batch -> scores of the valid rows of the global batch."""
+    x = features_lib.to_unit_range(np.asarray(images))
+    if x.shape[-1] != self.channels:
+      if x.shape[-1] != 1:
+        raise ValueError(f"Images with {x.shape[-1]} channels, score_fn takes {self.channels}.")
+      x = np.repeat(x, self.channels, axis=-1)
+    y = np.zeros_like(labels, np.int32) if self._zero_labels else labels.astype(np.int32)
+    put = lambda a: jax.make_array_from_process_local_data(self._sharding, np.asarray(a))
+    scores = self._score_fn(put(x), put(y))
+    scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True), np.float64)
+    mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True), bool)
+    if scores.shape != mask.shape:
+      raise ValueError(f"score_fn returned shape {scores.shape}, expected {mask.shape}.")
+    return scores[mask]
+
+  def _pad(self, images, labels, mask):
+    pad = self.local_batch - len(images)
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      mask = np.concatenate([mask, np.zeros(pad, bool)])
+    return images, labels, mask
+
+  def score_batches(self, batches: Iterable[Mapping[str, np.ndarray]],
+                    transform: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Scores of {'image', 'label', 'mask'} local batches of `local_batch` (an EvalData pass).
+
+    `transform(i, float_images)` (e.g. an NDA) is applied to batch i in [-1, 1].
+    """
+    out = []
+    for i, batch in enumerate(batches):
+      images, labels, mask = self._pad(batch["image"], batch["label"],
+                                       np.asarray(batch.get("mask", np.ones(len(batch["image"]))),
+                                                  bool))
+      if transform is not None:
+        images = transform(i, _fill_padding(np.asarray(features_lib.to_unit_range(images)), mask))
+      out.append(self._score_batch(images, labels, mask))
+    return np.concatenate(out)
+
+  def score_array(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Scores of a whole host array set (each process reads its contiguous block)."""
+    n, count, index = len(images), jax.process_count(), jax.process_index()
+    per_process = -(-n // count)
+    start, stop = index * per_process, min((index + 1) * per_process, n)
+    num_batches = max(1, -(-per_process // self.local_batch))
+
+    def batches():
+      for b in range(num_batches):
+        lo, hi = start + b * self.local_batch, min(start + (b + 1) * self.local_batch, stop)
+        lo = min(lo, hi)
+        yield {"image": np.asarray(images[lo:hi]), "label": np.asarray(labels[lo:hi]),
+               "mask": np.ones(hi - lo, bool)}
+    return self.score_batches(batches())
+
+
+def _fill_padding(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Padding rows become copies of valid rows, so batch-mixing NDAs see real partners."""
+  valid = np.flatnonzero(mask)
+  if len(valid) in (0, len(mask)):
+    return images
+  out = images.copy()
+  pads = np.flatnonzero(~mask)
+  out[pads] = images[valid[np.arange(len(pads)) % len(valid)]]
+  return out
+
+
+# ------------------------------------------------------------------------- evaluator
+def _nda_config(spec: Any) -> dict[str, Any]:
+  if isinstance(spec, str):
+    return {"name": spec}
+  return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+
+
+class AnomalyEvaluator:
+  """AUROC of score_fn between the in-distribution test split and every OOD set."""
+  requires = ("score_fn",)
+
+  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str | None = None,
+               mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.cfg = config.eval.get("anomaly") or ml_collections.ConfigDict()
+    self.mesh = mesh
+    self.out_dir = self.cfg.get("out_dir") or (os.path.join(workdir, "anomaly") if workdir else None)
+    unknown = sorted(set(self.cfg.get("synthetic") or ()) - set(SYNTHETIC))
+    if unknown:
+      raise ValueError(f"Unknown synthetic OOD set(s) {unknown}; valid: {sorted(SYNTHETIC)}.")
+    self._ndas = [(_nda_config(s)["name"], _nda_config(s)) for s in self.cfg.get("ndas") or ()]
+    self._c10c_dir = self.cfg.get("cifar10c_dir")
+    self._corruptions = tuple(self.cfg.get("corruptions") or CIFAR10C_CORRUPTIONS)
+    if self._c10c_dir:
+      missing = [c for c in (*self._corruptions, "labels")
+                 if not os.path.exists(os.path.join(self._c10c_dir, f"{c}.npy"))]
+      if missing:
+        raise FileNotFoundError(f"CIFAR-10-C files {missing} not found in {self._c10c_dir!r}; "
+                                f"get CIFAR-10-C.tar from {CIFAR10C_URL} and unpack it there.")
+
+  def _eval_data(self, data_cfg: ml_collections.ConfigDict, split: str, batch_size: int):
+    from nda_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # heavy (grain)
+    return pipeline.make_eval_iterator(data_cfg, split, batch_size)
+
+  def _limited(self, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[dict]:
+    """The first `max_examples` of a pass (split evenly over processes).
+
+    Every process stops after the same number of batches, so the collectives
+    inside score_fn stay matched.
+    """
+    limit = self.cfg.get("max_examples")
+    per_process = None if limit is None else -(-limit // jax.process_count())
+    position = 0
+    for batch in batches:
+      if per_process is not None and position >= per_process:
+        return
+      mask = np.asarray(batch["mask"], bool)
+      if per_process is not None:
+        mask = mask & (position + np.arange(len(mask)) < per_process)
+      position += len(mask)
+      yield {**batch, "mask": mask}
+
+  def run(self, score_fn: ScoreFn) -> Iterator[tuple[str, float]]:
+    """Scores every set, writes the table, yields ('anomaly/<set>[/s<k>]', AUROC)."""
+    start = time.time()
+    cfg = self.cfg
+    split = cfg.get("split", "test")
+    mesh = self.mesh or features_lib.default_mesh()
+    in_data = self._eval_data(self.config.data, split,
+                              round_batch(cfg.get("batch_size", 500), mesh))
+    shape = tuple(in_data.element_shape)
+    scorer = Scorer(score_fn, in_data.batch_size * jax.process_count(), mesh,
+                    cfg.get("labels", "zeros"), channels=shape[-1])
+    in_scores = scorer.score_batches(self._limited(in_data))
+    rows = []
+
+    def add(name: str, scores: np.ndarray, severity: str = "all") -> None:
+      rows.append({"set": name, "severity": severity, "n_ood": int(len(scores)),
+                   "auroc": auroc(in_scores, scores), "mean_score": float(np.mean(scores))})
+
+    seed = cfg.get("seed", 0)
+    for index, (name, nda_cfg) in enumerate(self._ndas):
+      from nda_jax.augment import negative  # pylint: disable=g-import-not-at-top
+      nda = jax.jit(negative.build_nda(nda_cfg))
+      key = jax.random.fold_in(jax.random.key(seed), index)
+      transform = lambda i, x, nda=nda, key=key: np.asarray(nda(jax.random.fold_in(key, i), x))
+      add(f"nda/{name}", scorer.score_batches(self._limited(in_data), transform))
+
+    for ood in cfg.get("ood_data") or ():
+      ood = ml_collections.ConfigDict(ood)
+      data = self._eval_data(ood, ood.get("split", "test"), scorer.batch_size)
+      if tuple(data.element_shape)[:2] != shape[:2]:
+        raise ValueError(f"OOD set {ood.get('label', ood.name)!r} has images "
+                         f"{data.element_shape}, the in-distribution ones {shape}; set its "
+                         f"image_size.")
+      add(ood.get("label", ood.name), scorer.score_batches(self._limited(data)))
+
+    for name in cfg.get("synthetic") or ():
+      num = cfg.get("max_examples") or len(in_scores)
+      images = SYNTHETIC[name](num, shape, seed)
+      add(f"synthetic/{name}", scorer.score_array(images, np.zeros(num, np.int32)))
+
+    if self._c10c_dir:
+      labels = np.load(os.path.join(self._c10c_dir, "labels.npy"))
+      for corruption in self._corruptions:
+        images = np.load(os.path.join(self._c10c_dir, f"{corruption}.npy"), mmap_mode="r")
+        if images.shape[1:] != shape:
+          raise ValueError(f"{corruption}.npy holds {images.shape[1:]} images, the in-"
+                           f"distribution data {shape}.")
+        per = len(images) // CIFAR10C_SEVERITIES
+        take = min(per, cfg.get("max_examples") or per)
+        by_severity = [scorer.score_array(images[s * per:s * per + take],
+                                          labels[s * per:s * per + take])
+                       for s in range(CIFAR10C_SEVERITIES)]
+        add(f"cifar10c/{corruption}", np.concatenate(by_severity))
+        for s, scores in enumerate(by_severity, 1):
+          add(f"cifar10c/{corruption}", scores, str(s))
+
+    result = {"in_distribution": {"split": split, "n": int(len(in_scores)),
+                                  "mean_score": float(np.mean(in_scores))},
+              "normalisation": "[-1, 1] (the official leftover code used [0, 1])",
+              "rows": rows}
+    if self.out_dir and jax.process_index() == 0:
+      write_tables(result, self.out_dir)
+    logging.info("anomaly AUROC of %d sets in %.1f s", len(rows), time.time() - start)
+    for row in rows:
+      suffix = "" if row["severity"] == "all" else f"/s{row['severity']}"
+      yield f"anomaly/{row['set']}{suffix}", row["auroc"]
+    c10c = [r["auroc"] for r in rows if r["set"].startswith("cifar10c/") and r["severity"] == "all"]
+    if c10c:
+      yield "anomaly/cifar10c_mean", float(np.mean(c10c))
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+  """CIFAR-10-C: one row per corruption (all, severities 1-5); other sets: one row each."""
+  rows = result["rows"]
+  lines = [f"In-distribution: {result['in_distribution']['split']} split, "
+           f"n={result['in_distribution']['n']}; inputs in {result['normalisation']}.", ""]
+  other = [r for r in rows if not r["set"].startswith("cifar10c/")]
+  if other:
+    lines += ["| OOD set | n | AUROC |", "|---|---|---|"]
+    lines += [f"| {r['set']} | {r['n_ood']} | {r['auroc']:.4f} |" for r in other]
+    lines.append("")
+  c10c = [r for r in rows if r["set"].startswith("cifar10c/")]
+  if c10c:
+    table: dict[str, dict[str, float]] = {}
+    for r in c10c:
+      table.setdefault(r["set"].split("/", 1)[1], {})[r["severity"]] = r["auroc"]
+    severities = ["all"] + [str(s) for s in range(1, CIFAR10C_SEVERITIES + 1)]
+    lines += ["| CIFAR-10-C corruption | all | " + " | ".join(f"s{s}" for s in severities[1:])
+              + " |", "|---" * len(severities) + "|---|"]
+    for name, by in table.items():
+      lines.append(f"| {name} | " + " | ".join(f"{by[s]:.4f}" for s in severities) + " |")
+    mean = {s: np.mean([by[s] for by in table.values()]) for s in severities}
+    lines.append("| **mean** | " + " | ".join(f"{mean[s]:.4f}" for s in severities) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_tables(result: Mapping[str, Any], out_dir: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "anomaly.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, "anomaly.md"), "w") as f:
+    f.write(markdown_table(result))

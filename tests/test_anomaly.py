@@ -1,0 +1,128 @@
+"""Anomaly detection: AUROC, batched scoring over devices, the evaluator's table."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from nda_jax import evaluators
+from nda_jax.data import digits
+from nda_jax.evaluators import anomaly
+
+
+def _pairwise_auroc(pos, neg):
+  """Mann-Whitney: P(pos > neg) + P(pos == neg) / 2, by brute force."""
+  pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+  return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+  rng = np.random.RandomState(0)
+  pos = np.round(rng.normal(0.5, 1, 57), 1)     # rounding makes ties
+  neg = np.round(rng.normal(0.0, 1, 43), 1)
+  np.testing.assert_allclose(anomaly.auroc(pos, neg), _pairwise_auroc(pos, neg), rtol=1e-12)
+  assert anomaly.auroc(pos + 100, neg) == 1.0
+  assert anomaly.auroc(neg, pos + 100) == 0.0
+
+
+def _pixel_sum(x, y):
+  del y
+  return jnp.sum(x, axis=(1, 2, 3))
+
+
+def test_scorer_over_devices_pads_masks_and_labels():
+  assert jax.device_count() == 8
+  rng = np.random.RandomState(1)
+  images = rng.randint(0, 256, (37, 4, 4, 3)).astype(np.uint8)
+  labels = rng.randint(0, 10, 37).astype(np.int32)
+  scorer = anomaly.Scorer(jax.jit(_pixel_sum), batch_size=12)
+  assert scorer.batch_size == 16
+  expected = (images / 127.5 - 1).sum(axis=(1, 2, 3))
+  np.testing.assert_allclose(scorer.score_array(images, labels), expected, rtol=1e-5, atol=1e-4)
+  label_fn = jax.jit(lambda x, y: y.astype(jnp.float32))
+  given = anomaly.Scorer(label_fn, 16, labels="given")
+  np.testing.assert_array_equal(given.score_array(images, labels), labels)
+  zeros = anomaly.Scorer(label_fn, 16)
+  np.testing.assert_array_equal(zeros.score_array(images, labels), np.zeros(37))
+  gray = anomaly.Scorer(jax.jit(_pixel_sum), 16, channels=3)
+  np.testing.assert_allclose(gray.score_array(images[..., :1], labels),
+                             3 * (images[..., 0] / 127.5 - 1).sum(axis=(1, 2)), rtol=1e-5,
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="valid choices"):
+    anomaly.Scorer(label_fn, 16, labels="random")
+
+
+def _template_score_fn():
+  """A toy 'discriminator': closeness to the mean training digit (in-dist scores high)."""
+  train, _ = digits.load_digits("train", 16)
+  template = jnp.asarray(train.mean(0) / 127.5 - 1, jnp.float32)
+  return jax.jit(lambda x, y: -jnp.mean((x - template) ** 2, axis=(1, 2, 3)))
+
+
+def _fake_cifar10c(path, per=20):
+  """Two corruptions of the in-distribution test images, 5 increasing severities."""
+  test, labels = digits.load_digits("test", 16)
+  base = test[:per].astype(np.float32)
+  noise = np.random.RandomState(2).normal(size=base.shape)
+  corrupt = {"gaussian_noise": lambda s: base + 25 * s * noise,
+             "brightness": lambda s: base + 30 * s}
+  os.makedirs(path)
+  for name, fn in corrupt.items():
+    np.save(os.path.join(path, f"{name}.npy"),
+            np.concatenate([np.clip(fn(s), 0, 255).astype(np.uint8) for s in range(1, 6)]))
+  np.save(os.path.join(path, "labels.npy"), np.tile(labels[:per], 5))
+  return tuple(corrupt)
+
+
+def test_anomaly_evaluator_table(tmp_path):
+  c10c = str(tmp_path / "CIFAR-10-C")
+  corruptions = _fake_cifar10c(c10c)
+  config = ml_collections.ConfigDict()
+  config.data = ml_collections.ConfigDict({"name": "digits", "image_size": 16})
+  config.eval = ml_collections.ConfigDict({"metrics": ("anomaly",)})
+  config.eval.anomaly = ml_collections.ConfigDict({
+      "batch_size": 64, "max_examples": 200, "cifar10c_dir": c10c,
+      "corruptions": corruptions, "ndas": ["jigsaw"], "synthetic": ["uniform_noise",
+                                                                    "photo_patches"],
+      "ood_data": [{"name": "digits", "image_size": 16, "split": "train",
+                    "label": "digits_train"}]})
+  (evaluator,) = evaluators.build(config, workdir=str(tmp_path))
+  assert evaluator.requires == ("score_fn",)
+  results = dict(evaluator.run(score_fn=_template_score_fn()))
+
+  assert results["anomaly/synthetic/uniform_noise"] > 0.95
+  assert 0.35 < results["anomaly/digits_train"] < 0.65   # same distribution
+  assert 0.0 <= results["anomaly/nda/jigsaw"] <= 1.0
+  assert 0.0 <= results["anomaly/synthetic/photo_patches"] <= 1.0
+  for name in corruptions:
+    by_severity = [results[f"anomaly/cifar10c/{name}/s{s}"] for s in range(1, 6)]
+    assert np.all(np.diff(by_severity) >= -0.05), (name, by_severity)
+    assert by_severity[-1] > by_severity[0]
+    assert min(by_severity) - 1e-9 <= results[f"anomaly/cifar10c/{name}"] <= max(by_severity) + 1e-9
+  np.testing.assert_allclose(
+      results["anomaly/cifar10c_mean"],
+      np.mean([results[f"anomaly/cifar10c/{n}"] for n in corruptions]))
+
+  table = json.load(open(tmp_path / "anomaly" / "anomaly.json"))
+  assert table["in_distribution"]["n"] == 200
+  assert "[0, 1]" in table["normalisation"]
+  assert len(table["rows"]) == 4 + 6 * len(corruptions)
+  assert {r["n_ood"] for r in table["rows"] if r["set"] == "cifar10c/brightness"} == {20, 100}
+  markdown = open(tmp_path / "anomaly" / "anomaly.md").read()
+  assert "| gaussian_noise |" in markdown and "**mean**" in markdown
+  assert "| synthetic/uniform_noise | 200 |" in markdown
+
+
+def test_anomaly_evaluator_reports_missing_cifar10c(tmp_path):
+  config = ml_collections.ConfigDict()
+  config.data = ml_collections.ConfigDict({"name": "digits", "image_size": 16})
+  config.eval = ml_collections.ConfigDict(
+      {"anomaly": {"cifar10c_dir": str(tmp_path), "corruptions": ["fog"]}})
+  with pytest.raises(FileNotFoundError, match="zenodo"):
+    anomaly.AnomalyEvaluator(config)
+  config.eval.anomaly = {"synthetic": ["gaussian_blobs"]}
+  with pytest.raises(ValueError, match="photo_patches"):
+    anomaly.AnomalyEvaluator(config)
