@@ -49,12 +49,25 @@ def run_iterations(config, num: int, kind="shard_map", max_devices=0):
   return jax.device_get(dp.get_state(state)), dp.unreplicate_metrics(metrics)
 
 
-def assert_states_close(a, b, rtol=2e-4, atol=2e-5):
+def _feeds_batchnorm(path: str) -> bool:
+  """G's biases before a BatchNorm (all but the output conv's) and what they move.
+
+  Their exact gradient is zero (BN removes per-channel shifts), so Adam turns
+  float round-off into steps of up to ±lr: runs that sum in a different order
+  agree on them only to a few lr. BN running means and Adam moments follow them.
+  """
+  in_g = any(k in path for k in ("g_params", "ema_params", "g_opt", "g_stats", "ema_stats"))
+  return in_g and "output_conv" not in path and ("bias" in path or "mean" in path)
+
+
+def assert_states_close(a, b, rtol=2e-4, atol=2e-5, steps=2, lr=2e-4):
   flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
   for (path, x), y in zip(flat_a, flat_b):
+    name = jax.tree_util.keystr(path)
+    bound = (0, 2.5 * lr * steps) if _feeds_batchnorm(name) else (rtol, atol)
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+                               rtol=bound[0], atol=bound[1], err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +100,9 @@ def test_iteration_updates_and_reports(eight_device_run):
               "d_nda", "d_grad_norm", "g_grad_norm"):
     assert np.isfinite(metrics[key]), key
   # Before ema_start the EMA is an exact copy of G (params and statistics).
-  assert_states_close(state.ema_params, state.g_params, rtol=0, atol=0)
-  assert_states_close(state.ema_stats, state.g_stats, rtol=0, atol=0)
+  for a, b in zip(jax.tree.leaves((state.ema_params, state.ema_stats)),
+                  jax.tree.leaves((state.g_params, state.g_stats))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_ema_after_start_is_the_decayed_average():
@@ -96,7 +110,8 @@ def test_ema_after_start_is_the_decayed_average():
   one, _ = run_iterations(config, 1)
   fresh = gan.init_state(config, jax.random.PRNGKey(0))
   expected = jax.tree.map(lambda e, g: 0.5 * e + 0.5 * g, fresh.ema_params, one.g_params)
-  assert_states_close(one.ema_params, expected, rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(one.ema_params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_beta_zero_ignores_nda_images():
@@ -104,7 +119,8 @@ def test_beta_zero_ignores_nda_images():
   jig = run_iterations(tiny_config(**{"loss.alpha": 1.0, "loss.beta": 0.0}), 1)[0]
   cut = run_iterations(tiny_config(**{"loss.alpha": 1.0, "loss.beta": 0.0,
                                       "nda.name": "cutout"}), 1)[0]
-  assert_states_close(jig.d_params, cut.d_params, rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(jig.d_params), jax.tree.leaves(cut.d_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   with_nda = run_iterations(tiny_config(), 1)[0]
   with_cut = run_iterations(tiny_config(**{"nda.name": "cutout"}), 1)[0]
   assert not np.allclose(jax.tree.leaves(with_nda.d_params)[0],

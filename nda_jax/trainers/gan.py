@@ -154,7 +154,7 @@ def make_iteration(config: ml_collections.ConfigDict) -> Callable[[GANState, dic
     grads = _pmean(grads)
     updates, d_opt = d_tx.update(grads, d_opt, d_params)
     d_params = optax.apply_updates(d_params, updates)
-    aux = dict(aux, d_loss=loss, d_grad_norm=optax.global_norm(grads))
+    aux = dict(aux, d_loss=loss, d_grad_norm=optax.tree.norm(grads))
     carry = (g_params, g_mut["batch_stats"], d_params, d_stats, d_opt, key)
     return carry, _pmean(aux)
 
@@ -191,7 +191,7 @@ def make_iteration(config: ml_collections.ConfigDict) -> Callable[[GANState, dic
         ema_params=jax.tree.map(ema, state.ema_params, g_params),
         ema_stats=jax.tree.map(ema, state.ema_stats, g_stats))
     metrics = {k: v.mean() for k, v in d_metrics.items()}
-    metrics.update(g_loss=_pmean(g_loss), g_grad_norm=optax.global_norm(g_grads))
+    metrics.update(g_loss=_pmean(g_loss), g_grad_norm=optax.tree.norm(g_grads))
     return new_state, metrics
 
   return iteration
@@ -294,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = common.Progress(steps_total, per_iteration, first_step)
   guard = ckpt_lib.PreemptionGuard()
   block = parallel.must_block_each_step()
-  evaluators = _make_evaluators(config, workdir)
+  evaluators = _make_evaluators(config, workdir, dp.mesh)
   metrics: dict[str, float] = {}
   step = first_step
 
@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           os.path.join(workdir, "samples", f"step_{step:07d}.png"))
       eval_metrics = None
       if evaluators and (step % config.eval.every == 0 or step == steps_total):
-        eval_metrics = run_evaluators(evaluators, config, sampler, dp.get_state(state))
+        eval_metrics = run_evaluators(evaluators, config, dp.get_state(state), sampler)
         writer.write(step, eval_metrics)
         metrics.update(eval_metrics)
         logging.info("step %d eval: %s", step, eval_metrics)
@@ -343,19 +343,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 # ------------------------------------------------------------------ evaluation hooks
-def _make_evaluators(config, workdir):
-  """Evaluators named in config.eval.metrics (FID, FD_digits, ...), or none."""
+def _make_evaluators(config, workdir, mesh=None):
+  """Evaluators named in config.eval.metrics (FID, fd_digits, anomaly, ...), or none."""
   if not config.eval.metrics:
     return []
   from nda_jax import evaluators as evaluators_lib  # Above the trainer in the layering.
-  return evaluators_lib.build(config, workdir)
+  return evaluators_lib.build(config, workdir, mesh=mesh)
 
 
-def run_evaluators(evaluators, config, sampler, state) -> dict[str, float]:
+def make_scorer(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+  """jit-ed `score(state, images, labels) -> D(x)` [B], the anomaly score.
+
+  Images in the training normalisation [-1, 1]; unconditional models score
+  every image as class 0, as they were trained. SN vectors are not updated.
+  """
+  _, discriminator = build_models(config, axis_name=None)
+  n_classes = num_classes(config)
+
+  @jax.jit
+  def score(state: GANState, images: jax.Array, labels: jax.Array) -> jax.Array:
+    labels = labels if n_classes > 1 else jnp.zeros_like(labels)
+    return discriminator.apply({"params": state.d_params, "batch_stats": state.d_stats},
+                               images.astype(jnp.float32), labels, train=False)
+  return score
+
+
+def run_evaluators(evaluators, config, state: GANState, sampler=None,
+                   scorer=None) -> dict[str, float]:
+  """Runs each evaluator with the callables it `requires` (sample_fn, score_fn)."""
+  sampler = sampler or make_sampler(config)
+  scorer = scorer or make_scorer(config)
+  fns = {"sample_fn": functools.partial(_sample_for_eval, config, sampler, state),
+         "score_fn": functools.partial(scorer, state)}
   results = {}
-  sample_fn = functools.partial(_sample_for_eval, config, sampler, state)
   for evaluator in evaluators:
-    for name, value in evaluator.run(sample_fn=sample_fn):
+    for name, value in evaluator.run(**{k: fns[k] for k in evaluator.requires}):
       results[name] = float(value)
   return results
 

@@ -1,0 +1,92 @@
+r"""NDA-GAN iteration speed: time per iteration, img/s and FLOP utilisation.
+
+  python bench/gan_step.py [--widths=64,16] [--batch=64] [--iters=5] [--conv_impl=auto,xla]
+
+One iteration = 4 D steps + 1 G step (the paper's schedule) at 32x32 on every
+device present (shard_map over all of them). FLOPs come from XLA's cost analysis
+of the compiled iteration; dividing by the measured time and by the matmul
+FLOP/s this machine reaches in the same run gives a utilisation ratio.
+"""
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nda_jax import config_lib
+from nda_jax import parallel
+from nda_jax.trainers import gan
+
+
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
+  """Dense float32 matmul throughput of one device (the roofline reference)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def bench_iteration(width: int, batch: int, iters: int, conv_impl: str) -> dict[str, float]:
+  config = config_lib.gan_config()
+  config.model.ch = width
+  config.model.conv_impl = conv_impl
+  config.train.batch_size = batch
+  dp = parallel.DataParallel("shard_map")
+  state = dp.put_state(gan.init_state(config, jax.random.PRNGKey(0)))
+  step = dp.step(gan.make_iteration(config), batch_axis=1)
+  nd = config.train.num_d_steps
+  rng = np.random.RandomState(0)
+  host = {"image": rng.randint(0, 256, (nd, batch, 32, 32, 3)).astype(np.uint8),
+          "label": np.zeros((nd, batch), np.int32)}
+  batch_arrays = dp.shard_batch(host, batch_axis=1)
+  compiled = step.lower(state, batch_arrays).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch_arrays)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    state, metrics = step(state, batch_arrays)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  sec = float(np.median(times))
+  return {"sec_per_iter": sec, "first_call": first, "img_per_sec": nd * batch / sec,
+          "flops": flops, "flops_per_sec": flops / sec}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--widths", default="64,16")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--conv_impl", default="xla,auto",
+                      help="the first is the baseline of the last column")
+  args = parser.parse_args()
+  peak = matmul_flops_per_sec()
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
+  print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
+  print(f"{'ch':>4} {'conv':>6} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
+        f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7}")
+  for width in (int(w) for w in args.widths.split(",")):
+    baseline = None
+    for impl in args.conv_impl.split(","):
+      r = bench_iteration(width, args.batch, args.iters, impl)
+      baseline = baseline or r["sec_per_iter"]
+      speedup = f"{baseline / r['sec_per_iter']:.2f}x"
+      util = r["flops_per_sec"] / (peak * jax.device_count())
+      print(f"{width:>4} {impl:>6} {r['sec_per_iter']:>8.3f} {r['img_per_sec']:>8.1f} "
+            f"{r['flops'] / 1e9:>11.2f} {r['flops_per_sec'] / 1e9:>8.1f} {util:>6.1%} {speedup:>7}")
+
+
+if __name__ == "__main__":
+  main()

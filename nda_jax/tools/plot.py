@@ -1,0 +1,65 @@
+r"""PNG plots of a run's metrics: losses, D(real/fake/NDA), evaluation metrics.
+
+  python -m nda_jax.tools.plot --workdir=runs/demo [--out=runs/demo/plots.png]
+"""
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from nda_jax.trainers import common
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run.")
+_OUT = flags.DEFINE_string("out", None, "Output PNG (default WORKDIR/plots.png).")
+
+# Panels: title -> metric keys drawn in it (keys a run lacks are skipped).
+PANELS = {
+    "losses": ("d_loss", "g_loss", "d_loss_real", "d_loss_fake", "d_loss_nda"),
+    "discriminator outputs": ("d_real", "d_fake", "d_nda"),
+    "gradient norms": ("d_grad_norm", "g_grad_norm"),
+    "sample quality": ("fid", "fd_digits", "kid", "inception_score"),
+}
+
+
+def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  points = [(r["step"], r[key]) for r in records if key in r]
+  if not points:
+    return np.zeros(0), np.zeros(0)
+  steps, values = zip(*points)
+  return np.asarray(steps), np.asarray(values, np.float64)
+
+
+def plot(records: list[dict], out: str) -> list[str]:
+  """Draws the panels that have data; returns their titles."""
+  panels = {t: [k for k in keys if len(series(records, k)[0])] for t, keys in PANELS.items()}
+  panels = {t: keys for t, keys in panels.items() if keys}
+  if not panels:
+    raise ValueError("no known metric in the run's metrics.jsonl")
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+  for ax, (title, keys) in zip(axes[0], panels.items()):
+    for key in keys:
+      ax.plot(*series(records, key), label=key, marker="." if title == "sample quality" else None)
+    ax.set_title(title)
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return list(panels)
+
+
+def main(argv):
+  del argv
+  out = _OUT.value or os.path.join(_WORKDIR.value, "plots.png")
+  titles = plot(common.read_metrics(_WORKDIR.value), out)
+  print(f"wrote {out} ({', '.join(titles)})")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
