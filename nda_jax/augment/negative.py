@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nda_jax.augment.keys import sample_keys
+
 Array = jax.Array
 NDA = Callable[..., Array]
 
@@ -48,27 +50,13 @@ ROTATE_INTERPOLATIONS = ("bilinear", "nearest")
 # ----------------------------------------------------------------------------
 # Shared helpers (also used by video.py).
 # ----------------------------------------------------------------------------
-def _key_rank(rng: Array) -> int:
-  """Rank of ONE key: 0 for typed keys (`jax.random.key`), 1 for raw uint32 keys."""
-  return 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1
-
-
 def split_rng(rng: Array, batch_size: int) -> tuple[Array, Array]:
   """(B per-sample keys, one batch key) from one key or from B per-sample keys.
 
   The batch key is folded from the first sample key, so it is a function of
   the keys of this batch only.
   """
-  rng = jnp.asarray(rng)
-  base = _key_rank(rng)
-  if rng.ndim == base:
-    keys = jax.random.split(rng, batch_size)
-  elif rng.ndim == base + 1 and rng.shape[0] == batch_size:
-    keys = rng
-  else:
-    raise ValueError(
-        f"rng must be one PRNG key or {batch_size} keys (one per sample), got "
-        f"shape {rng.shape} dtype {rng.dtype}.")
+  keys = sample_keys(rng, batch_size)
   return keys, jax.random.fold_in(keys[0], _BATCH_SALT)
 
 

@@ -42,6 +42,8 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
+from nda_jax.augment.keys import sample_keys
+
 Size = int | tuple[int, int]
 
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
@@ -64,28 +66,9 @@ class _Op:
 # ---------------------------------------------------------------------------
 # Keys, validation, batching.
 # ---------------------------------------------------------------------------
-def _per_sample_keys(rng: jax.Array, batch_size: int) -> jax.Array:
-  """One key per sample: splits a single key, passes through B keys.
-
-  Accepts new-style typed keys (`jax.random.key`, one key has shape `()`) and
-  raw uint32 keys (`jax.random.PRNGKey`, one key has shape `(2,)`). Same
-  convention as the sample keys of `negative.split_rng`.
-  """
-  rng = jnp.asarray(rng)
-  one_key_ndim = 0 if jax.dtypes.issubdtype(rng.dtype,
-                                            jax.dtypes.prng_key) else 1
-  if rng.ndim == one_key_ndim:
-    return jax.random.split(rng, batch_size)
-  if rng.ndim == one_key_ndim + 1 and rng.shape[0] == batch_size:
-    return rng
-  raise ValueError(
-      f"rng must be one PRNG key or a batch of {batch_size} keys (one per "
-      f"sample); got an array of shape {rng.shape} and dtype {rng.dtype}.")
-
-
 def _per_sample_uniforms(rng: jax.Array, batch_size: int,
                          num_uniforms: int) -> jax.Array:
-  keys = _per_sample_keys(rng, batch_size)
+  keys = sample_keys(rng, batch_size)
   return jax.vmap(lambda k: jax.random.uniform(k, (num_uniforms,)))(keys)
 
 
