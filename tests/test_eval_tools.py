@@ -1,0 +1,299 @@
+"""Tools around a checkpoint: the eval CLI, sample sheets, the plot tool, the notebook.
+
+One tiny demo run (2 iterations of configs/demo.py:tiny) is shared by every test.
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import ml_collections
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+from PIL import Image
+
+from nda_jax import eval as eval_lib
+from nda_jax import parallel
+from nda_jax.tools import plot as plot_tool
+from nda_jax.tools import sample_sheets
+from nda_jax.trainers import common
+from nda_jax.trainers import gan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, "notebooks", "explore_checkpoint.ipynb")
+STEPS = 2
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.checkpoint.async_save = False
+  config.train.total_steps = STEPS
+  return config
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> str:
+  """A workdir as `python -m nda_jax.main` leaves it: config.json, checkpoints, metrics."""
+  workdir = str(tmp_path_factory.mktemp("demo_run"))
+  config = tiny_config()
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # As nda_jax.main.write_config.
+    f.write(config.to_json_best_effort(indent=2))
+  gan.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _cli_env() -> dict[str, str]:
+  """The fd_digits classifier is deterministic per its TrainConfig: train it once per machine."""
+  env = dict(os.environ)
+  env.setdefault("NDA_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                               "nda_jax_test_cache"))
+  return env
+
+
+# ------------------------------------------------------------------ eval CLI
+def test_eval_cli_writes_metrics(demo_run):
+  num = 64
+  proc = subprocess.run(
+      [sys.executable, "-m", "nda_jax.eval", f"--workdir={demo_run}",
+       "--metrics=fd_digits,anomaly", f"--num_samples={num}",
+       "--set=eval.anomaly.max_examples=64"],
+      capture_output=True, text=True, env=_cli_env(), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(demo_run, "eval.json")) as f:
+    result = json.load(f)
+  assert set(result) == {"step", "checkpoint", "num_samples", "metrics"}
+  assert (result["step"], result["checkpoint"], result["num_samples"]) == (STEPS, "latest", num)
+  metrics = result["metrics"]
+  # No OOD set configured: the run's NDA (jigsaw) and the synthetic sets.
+  aurocs = {"anomaly/nda/jigsaw", "anomaly/synthetic/photo_patches",
+            "anomaly/synthetic/uniform_noise"}
+  assert set(metrics) == {"fd_digits"} | aurocs
+  assert all(math.isfinite(v) for v in metrics.values()), metrics
+  assert metrics["fd_digits"] > 0
+  assert all(0.0 <= metrics[k] <= 1.0 for k in aurocs), metrics
+  with open(os.path.join(demo_run, "anomaly", "anomaly.json")) as f:
+    table = json.load(f)
+  assert table["in_distribution"]["n"] == 64
+  assert {r["set"] for r in table["rows"]} == {k.split("/", 1)[1] for k in aurocs}
+  # TensorBoard scalars (same writer as metrics.jsonl) at the checkpoint's step.
+  last = common.read_metrics(demo_run)[-1]
+  assert last == {"step": STEPS, **{"eval/" + k: v for k, v in metrics.items()}}
+  assert os.listdir(os.path.join(demo_run, "tensorboard"))
+  assert "fd_digits" in proc.stdout and "anomaly/nda/jigsaw" in proc.stdout
+
+
+def test_eval_cli_best_without_metrics_is_a_clear_error(demo_run):
+  proc = subprocess.run(
+      [sys.executable, "-m", "nda_jax.eval", f"--workdir={demo_run}", "--checkpoint=best",
+       "--metrics=fd_digits"], capture_output=True, text=True, env=_cli_env(), timeout=300)
+  assert proc.returncode != 0
+  assert "nda_jax.eval: error: no checkpoint in" in proc.stderr
+  assert "'fd_digits' metric; use 'latest' or one of the steps [2]" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"workdir": "/nonexistent/run"}, FileNotFoundError, "does not exist"),
+    ({"metrics": ["fid", "psnr"]}, ValueError,
+     r"unknown metric\(s\) \['psnr'\]; valid choices: \['anomaly', 'fd_digits', 'fid'"),
+    ({"metrics": None}, ValueError, "config.eval.metrics is empty; pass --metrics"),
+    ({"checkpoint": "3"}, ValueError, r"step 3 not in .*kept steps: \[2\]"),
+    ({"checkpoint": "best"}, ValueError, "has a 'fd_digits' metric"),
+])
+def test_eval_setup_errors(demo_run, kwargs, error, match):
+  kwargs = {"workdir": demo_run, "metrics": ["fd_digits"], **kwargs}
+  with pytest.raises(error, match=match):
+    eval_lib.prepare(**kwargs)
+
+
+def test_sharded_scorer_equals_one_device_scorer(demo_run):
+  config = eval_lib.load_config(demo_run)
+  state = gan.load_state(config, demo_run, "latest")
+  dp = parallel.DataParallel()
+  assert dp.num_devices == 8
+  rng = np.random.RandomState(0)
+  size = config.data.image_size
+  images = rng.uniform(-1, 1, (16, size, size, 3)).astype(np.float32)
+  labels = (np.arange(16) % 10).astype(np.int32)
+  expected = np.asarray(gan.make_scorer(config)(state, images, labels))
+  split = NamedSharding(dp.mesh, P(parallel.AXIS))
+  scores = eval_lib.make_sharded_scorer(config, dp)(
+      dp.put_state(state), jax.device_put(images, split), jax.device_put(labels, split))
+  assert scores.shape == (16,)
+  np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_overrides_parse_literals_and_create_sections():
+  config = ml_collections.ConfigDict({"eval": {"num_samples": 10, "metrics": ["fid"]},
+                                      "nda": {"name": "jigsaw"}})
+  eval_lib.apply_overrides(config, ["eval.num_samples=250", "eval.anomaly.synthetic=['a', 'b']",
+                                    "nda.name=stitch", "eval.anomaly.split=test"])
+  assert config.eval.num_samples == 250
+  assert list(config.eval.anomaly.synthetic) == ["a", "b"]
+  assert (config.nda.name, config.eval.anomaly.split) == ("stitch", "test")
+  with pytest.raises(ValueError, match="expected key=value"):
+    eval_lib.apply_overrides(config, ["eval.num_samples"])
+  with pytest.raises(ValueError, match="nda.name is a str, not a config section"):
+    eval_lib.apply_overrides(config, ["nda.name.k=2"])
+  with pytest.raises(ValueError, match="eval.num_samples"):
+    eval_lib.apply_overrides(config, ["eval.num_samples='many'"])
+
+
+def test_default_anomaly_sets_only_when_none_configured():
+  config = ml_collections.ConfigDict({"eval": {}, "nda": {"name": "cutout", "probs": None,
+                                                          "params": {}}})
+  eval_lib.add_default_anomaly_sets(config)
+  assert [dict(n) for n in config.eval.anomaly.ndas] == [config.nda.to_dict()]
+  assert list(config.eval.anomaly.synthetic) == ["photo_patches", "uniform_noise"]
+  configured = ml_collections.ConfigDict({"eval": {"anomaly": {"synthetic": ["uniform_noise"]}},
+                                          "nda": {"name": "cutout"}})
+  eval_lib.add_default_anomaly_sets(configured)
+  assert "ndas" not in configured.eval.anomaly
+
+
+# ------------------------------------------------------------------ interpolation math
+def _rotation_reference(z0, z1, t):
+  """Great-circle point at angle t*omega built from an orthonormal basis of span(z0, z1)."""
+  u0 = z0 / np.linalg.norm(z0)
+  v = z1 / np.linalg.norm(z1) - (u0 @ z1 / np.linalg.norm(z1)) * u0
+  v /= np.linalg.norm(v)
+  omega = np.arccos(np.clip(u0 @ z1 / np.linalg.norm(z1), -1, 1))
+  radius = (1 - t) * np.linalg.norm(z0) + t * np.linalg.norm(z1)
+  return radius * (np.cos(t * omega) * u0 + np.sin(t * omega) * v)
+
+
+def test_slerp_endpoints_norms_and_great_circle():
+  rng = np.random.RandomState(0)
+  z0, z1 = rng.standard_normal(32), 1.7 * rng.standard_normal(32)
+  steps = 7
+  path = sample_sheets.interpolation_latents(z0, z1, steps, "slerp")
+  assert path.shape == (steps, 32) and path.dtype == np.float32
+  np.testing.assert_allclose(path[0], z0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(path[-1], z1, rtol=1e-5, atol=1e-6)
+  t = np.linspace(0, 1, steps)
+  np.testing.assert_allclose(np.linalg.norm(path, axis=1),
+                             (1 - t) * np.linalg.norm(z0) + t * np.linalg.norm(z1), rtol=1e-5)
+  for ti, point in zip(t, path):
+    np.testing.assert_allclose(point, _rotation_reference(z0, z1, ti), rtol=1e-4, atol=1e-5)
+  # Constant angular speed between neighbours.
+  unit = path / np.linalg.norm(path, axis=1, keepdims=True)
+  angles = np.arccos(np.clip(np.sum(unit[1:] * unit[:-1], axis=1), -1, 1))
+  np.testing.assert_allclose(angles, angles[0], rtol=1e-3)
+
+
+def test_slerp_equal_norms_is_shoemake_and_linear_is_linear():
+  rng = np.random.RandomState(1)
+  z0, z1 = rng.standard_normal(8), rng.standard_normal(8)
+  z1 *= np.linalg.norm(z0) / np.linalg.norm(z1)
+  omega = np.arccos(z0 @ z1 / (z0 @ z0))
+  t = 0.3
+  shoemake = (np.sin((1 - t) * omega) * z0 + np.sin(t * omega) * z1) / np.sin(omega)
+  path = sample_sheets.interpolation_latents(z0, z1, 11, "slerp")
+  np.testing.assert_allclose(path[3], shoemake, rtol=1e-5, atol=1e-6)
+  linear = sample_sheets.interpolation_latents(z0, z1, 5, "linear")
+  np.testing.assert_allclose(linear[2], (z0 + z1) / 2, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.diff(linear, axis=0), np.tile((z1 - z0) / 4, (4, 1)), atol=1e-6)
+  # Parallel latents have no unique great circle: linear.
+  np.testing.assert_allclose(sample_sheets.interpolation_latents(z0, 2 * z0, 3, "slerp")[1],
+                             1.5 * z0, rtol=1e-6)
+
+
+def test_interpolation_bad_input():
+  z = np.ones(4)
+  with pytest.raises(ValueError, match=r"valid choices: \('linear', 'slerp'\)"):
+    sample_sheets.interpolation_latents(z, z, 3, "cubic")
+  with pytest.raises(ValueError, match="at least its two endpoints"):
+    sample_sheets.interpolation_latents(z, z, 1)
+  with pytest.raises(ValueError, match="one shape"):
+    sample_sheets.interpolation_latents(z, np.ones(5), 3)
+
+
+def test_interpolation_rows_one_class_per_row():
+  z, y = sample_sheets.interpolation_rows(rows=5, steps=4, dim_z=6, n_classes=10, mode="slerp",
+                                          seed=3)
+  assert z.shape == (20, 6) and y.shape == (20,)
+  rows_y = y.reshape(5, 4)
+  assert (rows_y == rows_y[:, :1]).all() and rows_y.min() >= 0 and rows_y.max() < 10
+  rows_z = z.reshape(5, 4, 6)
+  for row in rows_z:  # Each row is an interpolation between its own endpoints.
+    np.testing.assert_allclose(
+        row, sample_sheets.interpolation_latents(row[0], row[-1], 4, "slerp"), atol=1e-5)
+  _, y1 = sample_sheets.interpolation_rows(2, 3, 6, n_classes=1, mode="linear", seed=0)
+  assert (y1 == 0).all()
+
+
+# ------------------------------------------------------------------ sample sheets
+def test_sample_sheets(demo_run, tmp_path):
+  config = eval_lib.load_config(demo_run)
+  state = gan.load_state(config, demo_run, "latest")
+  per_class, rows, steps, scale = 4, 2, 3, 2
+  written = sample_sheets.write_sheets(config, state, str(tmp_path), per_class=per_class,
+                                       interp_rows=rows, interp_steps=steps, scale=scale)
+  n_classes = gan.num_classes(config)
+  assert n_classes == 10
+  assert [os.path.basename(p) for p in written["classes"]] == [
+      f"class_{c:03d}.png" for c in range(n_classes)]
+  assert len(written["grid"]) == len(written["interpolations"]) == 1
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      os.path.basename(p) for paths in written.values() for p in paths)
+  cell = config.data.image_size + 1          # image_grid pads 1 px
+  size = lambda ncol, nrow: ((ncol * cell + 1) * scale, (nrow * cell + 1) * scale)
+  sheets = [np.asarray(Image.open(p)) for p in written["classes"]]
+  assert all(s.shape[1::-1] == size(2, 2) for s in sheets)
+  assert Image.open(written["interpolations"][0]).size == size(steps, rows)
+  per_row = config.sample.per_row
+  assert Image.open(written["grid"][0]).size == size(per_row, n_classes)
+  # Same latents on every class sheet; the class changes the images.
+  assert not np.array_equal(sheets[0], sheets[1])
+
+
+# ------------------------------------------------------------------ plot tool
+def test_plot_panels_follow_the_metrics(demo_run, tmp_path):
+  records = common.read_metrics(demo_run)
+  present = {k for r in records for k in r}
+  expected = [t for t, keys in plot_tool.PANELS.items() if present & set(keys)]
+  assert "sample quality" not in expected      # The tiny run does not evaluate.
+  out = str(tmp_path / "plots.png")
+  assert plot_tool.plot(records, out) == expected
+  assert Image.open(out).size == (500 * len(expected), 350)   # 5 x 3.5 in per panel, 100 dpi
+  with_fd = records + [{"step": STEPS, "fd_digits": 12.5}]
+  assert plot_tool.plot(with_fd, out) == expected + ["sample quality"]
+  assert Image.open(out).size == (500 * (len(expected) + 1), 350)
+  with pytest.raises(ValueError, match="no known metric"):
+    plot_tool.plot([{"step": 1, "eval/fd_digits": 3.0}], out)
+
+
+# ------------------------------------------------------------------ notebook
+def test_committed_notebook_is_clean():
+  import nbformat
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  assert nb.metadata.kernelspec.name == "python3"
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert code and all(not c.outputs and c.execution_count is None for c in code)
+  assert 'os.environ.get("NDA_WORKDIR"' in code[0].source
+
+
+def test_notebook_runs_on_the_demo_checkpoint(demo_run, monkeypatch):
+  import nbclient
+  import nbformat
+  from jupyter_client import kernelspec
+  assert "python3" in kernelspec.find_kernel_specs()
+  monkeypatch.setenv("NDA_WORKDIR", demo_run)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                          resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) == 3       # sample grid, D(x) histogram, training curves
+  text = "".join(o.get("text", "") for o in outputs)
+  assert f"step {STEPS}:" in text
+  assert os.path.exists(os.path.join(demo_run, "plots.png"))
