@@ -1,5 +1,24 @@
 """Building blocks of the configs in `configs/` (big_vision's `configs.common` role)."""
+import json
+import os
+
 import ml_collections
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The resolved config, beside the run's checkpoints."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to its workdir (for eval, sampling, importers)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def parse_variants(arg: str | None, valid: tuple[str, ...]) -> set[str]:

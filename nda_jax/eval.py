@@ -31,6 +31,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 import ml_collections
 
+from nda_jax import config_lib
 from nda_jax import evaluators as evaluators_lib
 from nda_jax import parallel
 from nda_jax.evaluators import anomaly
@@ -39,16 +40,6 @@ from nda_jax.trainers import gan
 
 TB_PREFIX = "eval/"
 _ANOMALY_SETS = ("ndas", "ood_data", "synthetic", "cifar10c_dir")
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote (nda_jax.main.load_config, which cannot be
-  imported next to another entry point: nda_jax.main defines --workdir at import)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -109,19 +100,6 @@ def add_default_anomaly_sets(config: ml_collections.ConfigDict) -> None:
                config.nda.name, cfg.synthetic)
 
 
-def make_sharded_scorer(config: ml_collections.ConfigDict,
-                        dp: parallel.DataParallel) -> Callable[..., jax.Array]:
-  """`score(state, images, labels) -> D(x)`, each device scoring its slice of the batch.
-
-  The anomaly evaluator hands over batches split along the mesh axis; the plain
-  jit-ed `gan.make_scorer` cannot reshape such a batch in D's pooling layers
-  (explicit-sharding mesh), so D runs per device under shard_map.
-  """
-  score = gan.make_scorer(config)
-  batch = P(parallel.AXIS)
-  return dp.map_fn(score, in_specs=(P(), batch, batch), out_specs=batch)
-
-
 class Evaluation(NamedTuple):
   """One checkpoint, ready to evaluate."""
   config: ml_collections.ConfigDict
@@ -137,7 +115,7 @@ def prepare(workdir: str, checkpoint: str | int = "latest",
   """Loads config, checkpoint and evaluators; every user error surfaces here, before any work."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir={workdir} does not exist")
-  config = load_config(workdir)
+  config = config_lib.load_config(workdir)
   apply_overrides(config, overrides)
   if num_samples is not None:
     config.eval.num_samples = num_samples
@@ -148,7 +126,7 @@ def prepare(workdir: str, checkpoint: str | int = "latest",
   dp = parallel.DataParallel()                          # All devices, the state replicated.
   evaluators = evaluators_lib.build(config, workdir, mesh=dp.mesh, metric_names=names)
   return Evaluation(config, str(checkpoint), dp.put_state(state), evaluators,
-                    make_sharded_scorer(config, dp))
+                    gan.make_scorer(config, dp))
 
 
 def run(evaluation: Evaluation) -> dict[str, Any]:

@@ -4,7 +4,6 @@ Deliberately tiny (as flax/examples): it parses, writes the resolved config and
 hands over to the trainer named by `config.trainer`.
 """
 import importlib
-import json
 import logging as std_logging
 import os
 
@@ -13,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from nda_jax import config_lib
 from nda_jax import parallel
 
 # Trainers by name; each module has train_and_evaluate(config, workdir).
@@ -27,22 +27,6 @@ def get_trainer(name: str):
   if name not in TRAINERS:
     raise ValueError(f"config.trainer={name!r}; valid choices: {sorted(TRAINERS)}")
   return importlib.import_module(TRAINERS[name])
-
-
-def write_config(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
-def load_config(workdir: str):
-  """The resolved config a run wrote to its workdir (for eval, sampling, importers)."""
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -61,7 +45,7 @@ def main(argv):
   trainer = get_trainer(config.trainer)
   import jax
   if jax.process_index() == 0:
-    write_config(config, _WORKDIR.value)
+    config_lib.write_config(config, _WORKDIR.value)
   logging.info("config:\n%s", config)
   trainer.train_and_evaluate(config, _WORKDIR.value)
 

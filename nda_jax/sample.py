@@ -12,7 +12,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from nda_jax import main as main_lib
+from nda_jax import config_lib
 from nda_jax import visualize
 from nda_jax.trainers import gan
 
@@ -50,7 +50,7 @@ def main(argv):
   out = _OUT.value
   if not out.endswith((".npz", ".png")):
     raise app.UsageError(f"--out={out}: use a .npz or .png file name")
-  config = main_lib.load_config(_WORKDIR.value)
+  config = config_lib.load_config(_WORKDIR.value)
   state = gan.load_state(config, _WORKDIR.value, _CHECKPOINT.value)
   z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value)
   images = gan.sample_in_batches(gan.make_sampler(config, ema=_EMA.value), state, z, y,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nda_jax import config_lib
 from nda_jax import eval as eval_lib
 from nda_jax import parallel
 from nda_jax.tools import plot as plot_tool
@@ -43,8 +44,7 @@ def demo_run(tmp_path_factory) -> str:
   """A workdir as `python -m nda_jax.main` leaves it: config.json, checkpoints, metrics."""
   workdir = str(tmp_path_factory.mktemp("demo_run"))
   config = tiny_config()
-  with open(os.path.join(workdir, "config.json"), "w") as f:  # As nda_jax.main.write_config.
-    f.write(config.to_json_best_effort(indent=2))
+  config_lib.write_config(config, workdir)
   gan.train_and_evaluate(config, workdir)
   return workdir
 
@@ -114,7 +114,7 @@ def test_eval_setup_errors(demo_run, kwargs, error, match):
 
 
 def test_sharded_scorer_equals_one_device_scorer(demo_run):
-  config = eval_lib.load_config(demo_run)
+  config = config_lib.load_config(demo_run)
   state = gan.load_state(config, demo_run, "latest")
   dp = parallel.DataParallel()
   assert dp.num_devices == 8
@@ -124,7 +124,7 @@ def test_sharded_scorer_equals_one_device_scorer(demo_run):
   labels = (np.arange(16) % 10).astype(np.int32)
   expected = np.asarray(gan.make_scorer(config)(state, images, labels))
   split = NamedSharding(dp.mesh, P(parallel.AXIS))
-  scores = eval_lib.make_sharded_scorer(config, dp)(
+  scores = gan.make_scorer(config, dp)(
       dp.put_state(state), jax.device_put(images, split), jax.device_put(labels, split))
   assert scores.shape == (16,)
   np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
@@ -231,7 +231,7 @@ def test_interpolation_rows_one_class_per_row():
 
 # ------------------------------------------------------------------ sample sheets
 def test_sample_sheets(demo_run, tmp_path):
-  config = eval_lib.load_config(demo_run)
+  config = config_lib.load_config(demo_run)
   state = gan.load_state(config, demo_run, "latest")
   per_class, rows, steps, scale = 4, 2, 3, 2
   written = sample_sheets.write_sheets(config, state, str(tmp_path), per_class=per_class,

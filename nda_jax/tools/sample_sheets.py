@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nda_jax import eval as eval_lib
+from nda_jax import config_lib
 from nda_jax import visualize
 from nda_jax.trainers import gan
 
@@ -128,7 +128,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    config = eval_lib.load_config(f.workdir)
+    config = config_lib.load_config(f.workdir)
     state = gan.load_state(config, f.workdir, f.checkpoint)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"nda_jax.tools.sample_sheets: error: {e}") from None

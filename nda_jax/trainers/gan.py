@@ -75,8 +75,10 @@ def init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> GANState:
   res, c = config.data.image_size, config.data.channels
   z = jnp.zeros((2, config.model.dim_z), jnp.float32)
   y = jnp.zeros((2,), jnp.int32)
-  g_vars = generator.init(g_key, z, y, train=False)
-  d_vars = discriminator.init(d_key, jnp.zeros((2, res, res, c), jnp.float32), y, train=False)
+  # Under jit: eager init compiles every random op on its own (slow on CPU).
+  init = lambda module, *args: jax.jit(functools.partial(module.init, train=False))(*args)
+  g_vars = init(generator, g_key, z, y)
+  d_vars = init(discriminator, d_key, jnp.zeros((2, res, res, c), jnp.float32), y)
   g_tx = make_optimizer(config.optim.g_lr, config.optim)
   d_tx = make_optimizer(config.optim.d_lr, config.optim)
   return GANState(
@@ -351,28 +353,35 @@ def _make_evaluators(config, workdir, mesh=None):
   return evaluators_lib.build(config, workdir, mesh=mesh)
 
 
-def make_scorer(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
-  """jit-ed `score(state, images, labels) -> D(x)` [B], the anomaly score.
+def make_scorer(config: ml_collections.ConfigDict,
+                dp: parallel.DataParallel | None = None) -> Callable[..., jax.Array]:
+  """`score(state, images, labels) -> D(x)` [B], the anomaly score.
 
   Images in the training normalisation [-1, 1]; unconditional models score
   every image as class 0, as they were trained. SN vectors are not updated.
+  With `dp`, batches split over the mesh are scored per device (shard_map).
   """
   _, discriminator = build_models(config, axis_name=None)
   n_classes = num_classes(config)
 
-  @jax.jit
   def score(state: GANState, images: jax.Array, labels: jax.Array) -> jax.Array:
     labels = labels if n_classes > 1 else jnp.zeros_like(labels)
     return discriminator.apply({"params": state.d_params, "batch_stats": state.d_stats},
                                images.astype(jnp.float32), labels, train=False)
-  return score
+
+  if dp is None:
+    return jax.jit(score)
+  batch = jax.sharding.PartitionSpec(parallel.AXIS)
+  return dp.map_fn(score, in_specs=(jax.sharding.PartitionSpec(), batch, batch),
+                   out_specs=batch)
 
 
 def run_evaluators(evaluators, config, state: GANState, sampler=None,
                    scorer=None) -> dict[str, float]:
   """Runs each evaluator with the callables it `requires` (sample_fn, score_fn)."""
   sampler = sampler or make_sampler(config)
-  scorer = scorer or make_scorer(config)
+  scorer = scorer or make_scorer(config, parallel.DataParallel(config.parallel,
+                                                               config.max_devices))
   fns = {"sample_fn": functools.partial(_sample_for_eval, config, sampler, state),
          "score_fn": functools.partial(scorer, state)}
   results = {}
