@@ -32,7 +32,7 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
         # Weight importers (official BigGAN-PyTorch / pytorch-fid checkpoints) and their parity tests.
         "torch": ["torch>=2.1"],
     },

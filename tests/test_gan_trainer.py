@@ -49,25 +49,32 @@ def run_iterations(config, num: int, kind="shard_map", max_devices=0):
   return jax.device_get(dp.get_state(state)), dp.unreplicate_metrics(metrics)
 
 
-def _feeds_batchnorm(path: str) -> bool:
-  """G's biases before a BatchNorm (all but the output conv's) and what they move.
+def assert_states_close(a, b, steps=2, lr=2e-4, rtol=2e-4, atol=2e-5):
+  """Two runs that sum in a different order give the same TrainState.
 
-  Their exact gradient is zero (BN removes per-channel shifts), so Adam turns
-  float round-off into steps of up to ±lr: runs that sum in a different order
-  agree on them only to a few lr. BN running means and Adam moments follow them.
+  Adam with b1=0 moves every parameter by about ±lr per step whatever the
+  gradient's size, so a parameter whose gradient is at round-off level (G's
+  biases before a BatchNorm have an exactly zero one) may step the other way:
+  every element must agree to 2.5·lr per step, and all but a handful to float
+  tolerance. Adam being scale-invariant, the gradient norms in the metrics
+  (compared separately) are what catches a wrongly scaled gradient.
   """
-  in_g = any(k in path for k in ("g_params", "ema_params", "g_opt", "g_stats", "ema_stats"))
-  return in_g and "output_conv" not in path and ("bias" in path or "mean" in path)
-
-
-def assert_states_close(a, b, rtol=2e-4, atol=2e-5, steps=2, lr=2e-4):
   flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
+  loose, total = 0, 0
   for (path, x), y in zip(flat_a, flat_b):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     name = jax.tree_util.keystr(path)
-    bound = (0, 2.5 * lr * steps) if _feeds_batchnorm(name) else (rtol, atol)
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=bound[0], atol=bound[1], err_msg=name)
+    np.testing.assert_allclose(x, y, rtol=0, atol=2.5 * lr * steps, err_msg=name)
+    loose += int(np.sum(~np.isclose(x, y, rtol=rtol, atol=atol)))
+    total += x.size
+  assert loose <= 0.01 * total, f"{loose} of {total} elements differ beyond float tolerance"
+
+
+def assert_metrics_close(a: dict, b: dict, rtol=1e-3):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-5, err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +84,17 @@ def eight_device_run():
 
 def test_one_device_equals_eight_devices(eight_device_run):
   assert jax.device_count() == 8
-  one, _ = run_iterations(tiny_config(), 2, max_devices=1)
-  eight, _ = eight_device_run
+  one, one_metrics = run_iterations(tiny_config(), 2, max_devices=1)
+  eight, eight_metrics = eight_device_run
   assert_states_close(one, eight)
+  assert_metrics_close(one_metrics, eight_metrics)
 
 
 def test_shard_map_equals_pmap(eight_device_run):
-  pmapped, _ = run_iterations(tiny_config(), 2, kind="pmap")
-  eight, _ = eight_device_run
+  pmapped, pmap_metrics = run_iterations(tiny_config(), 2, kind="pmap")
+  eight, eight_metrics = eight_device_run
   assert_states_close(pmapped, eight)
+  assert_metrics_close(pmap_metrics, eight_metrics)
 
 
 def test_iteration_updates_and_reports(eight_device_run):
