@@ -1,14 +1,16 @@
 r"""Demo: NDA-GAN on the embedded scikit-learn digits, on a CPU, in minutes.
 
 The paper's code path (BigGAN_new, hinge loss, jigsaw NDA with alpha=0.25 /
-beta=0.75, 4 D steps per G step, EMA G) at 16x16 with a narrow model, so that
-it needs no download and finishes in about 10 minutes on 2 CPU cores.
+beta=0.75, 4 D steps per G step, EMA G) at 16x16 with a narrow model; it needs
+no download. Sized from per-iteration timings to take roughly 12 minutes on 2
+idle CPU cores (800 iterations at ~0.85 s); not yet timed end to end.
 
   python -m nda_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Expected: recognisable digits in runs/demo/samples/ (one row per class) and an
-`fd_digits` (Fréchet distance in a digits classifier's features) that falls
-during training. Variants: `:baseline` (alpha=1, beta=0), `:uncond`, `:tiny`
+Watch: sample sheets in runs/demo/samples/ (one row per class) and
+`fd_digits` (Fréchet distance in a digits classifier's features) at
+iterations 400 and 800; the digits' quality at 800 iterations is not yet
+established. Variants: `:baseline` (alpha=1, beta=0), `:uncond`, `:tiny`
 (a few iterations, for tests).
 """
 from nda_jax import config_lib
