@@ -313,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       if block:
         common.block_tree(device_metrics)
-      last = step == steps_total or guard.requested
+      stop = guard.requested   # Read once: a signal arriving later stops the next iteration.
+      last = step == steps_total or stop
       to_log = step % config.train.log_every == 0 or last
       to_save = step % config.checkpoint.every == 0 or last
       if to_log or to_save:   # A non-finite state is never checkpointed.
@@ -334,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("step %d eval: %s", step, eval_metrics)
       if to_save or eval_metrics:
         save(step, eval_metrics)
-      if guard.requested:
+      if stop:
         logging.warning("stopping at step %d after SIGTERM; checkpoint saved", step)
         break
   finally:
