@@ -226,10 +226,10 @@ def resolve_impl(impl: str) -> str:
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
            padding: Padding = "SAME", dilation: int | Sequence[int] = (1, 1),
            impl: str = "auto") -> jax.Array:
-  """NHWC x HWIO convolution; `impl` ('auto' | 'xla' | 'matmul') picks how dW is computed.
+  """NHWC x HWIO convolution; `impl` ('auto' | 'xla' | 'matmul') picks how it is computed.
 
-  Every implementation computes the same function with the same forward op;
-  they differ only in the backward pass (see the module docstring).
+  Both implementations compute the same function; "matmul" runs pointwise convs
+  as matmuls and the weight gradient of the others as matmuls (module docstring).
   """
   chex.assert_rank([x, kernel], 4)
   if x.shape[-1] != kernel.shape[2]:
