@@ -258,9 +258,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by "
                      f"the {num_devices} devices")
   negative.build_nda(config.nda)          # Fails early, naming the valid NDAs.
-  if config.loss.kind not in losses.LOSSES:
-    raise ValueError(f"config.loss.kind={config.loss.kind!r}; valid choices: "
-                     f"{sorted(losses.LOSSES)}")
+  losses.get_loss(config.loss.kind)       # Likewise for the loss kind.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
