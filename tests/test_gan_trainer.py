@@ -105,6 +105,24 @@ def test_shard_map_equals_pmap(eight_device_run):
   assert_metrics_close(pmap_metrics, eight_metrics)
 
 
+def test_unrolled_d_steps_equal_the_loop():
+  """config.train.d_steps_lowering changes how lax.scan is lowered, not the result."""
+  config = tiny_config()
+  looped_config = tiny_config(**{"train.d_steps_lowering": "loop"})
+  assert config.train.d_steps_lowering == "auto" and gan.unroll_d_steps(config)   # on CPU
+  state = gan.init_state(config, jax.random.PRNGKey(0))
+  nd, b, s = config.train.num_d_steps, config.train.batch_size, config.data.image_size
+  batch = {"image": np.zeros((nd, b, s, s, 3), np.uint8), "label": np.zeros((nd, b), np.int32)}
+  for c, unroll in ((config, nd), (looped_config, 1)):
+    jaxpr = jax.make_jaxpr(gan.make_iteration(c), axis_env=[(parallel.AXIS, 1)])(state, batch)
+    d_steps = [e for e in jaxpr.eqns if e.primitive.name == "scan"][0]   # the first one
+    assert d_steps.params["length"] == nd and d_steps.params["unroll"] == unroll
+  unrolled, unrolled_metrics = run_iterations(config, 2, max_devices=1)
+  looped, looped_metrics = run_iterations(looped_config, 2, max_devices=1)
+  assert_states_close(unrolled, looped, steps=2)
+  assert_metrics_close(unrolled_metrics, looped_metrics)
+
+
 def test_iteration_updates_and_reports(eight_device_run):
   state, metrics = eight_device_run
   fresh = gan.init_state(tiny_config(), jax.random.PRNGKey(0))
@@ -210,6 +228,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     ("--config.nda.name=jigsawz", "jigsaw"),
     ("--config.nda_typo=1", "nda_typo"),
     ("--config.parallel=tpu", "shard_map"),
+    ("--config.train.d_steps_lowering=unrolled", "'unroll', 'loop'"),
 ])
 def test_bad_config_gives_a_clear_error(tmp_path, override, message):
   proc = subprocess.run(

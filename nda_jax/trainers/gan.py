@@ -108,6 +108,17 @@ def _pmean(tree):
   return jax.lax.pmean(tree, parallel.AXIS)
 
 
+def unroll_d_steps(config: ml_collections.ConfigDict) -> bool:
+  """config.train.d_steps_lowering resolved for the default backend ("auto": unroll on CPU)."""
+  setting = config.train.d_steps_lowering
+  if setting not in ("auto", "unroll", "loop"):
+    raise ValueError(f"config.train.d_steps_lowering={setting!r}; "
+                     f"valid choices: ('auto', 'unroll', 'loop')")
+  if setting == "auto":
+    return jax.default_backend() == "cpu"
+  return setting == "unroll"
+
+
 def make_iteration(config: ml_collections.ConfigDict) -> Callable[[GANState, dict], tuple]:
   """The per-device function of one iteration: (state, batch) -> (state, metrics).
 
@@ -166,7 +177,8 @@ def make_iteration(config: ml_collections.ConfigDict) -> Callable[[GANState, dic
     labels = labels if n_classes > 1 else jnp.zeros_like(labels)
     it_key = jax.random.fold_in(state.rng, state.step)
     carry = (state.g_params, state.g_stats, state.d_params, state.d_stats, state.d_opt, it_key)
-    carry, d_metrics = jax.lax.scan(d_step, carry, (jnp.arange(num_d), images, labels))
+    carry, d_metrics = jax.lax.scan(d_step, carry, (jnp.arange(num_d), images, labels),
+                                    unroll=num_d if unroll_d_steps(config) else 1)
     g_params, g_stats, d_params, d_stats, d_opt, _ = carry
 
     z, y = sample_latents(jax.random.fold_in(it_key, num_d), b)
@@ -259,6 +271,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                      f"the {num_devices} devices")
   negative.build_nda(config.nda)          # Fails early, naming the valid NDAs.
   losses.get_loss(config.loss.kind)       # Likewise for the loss kind.
+  unroll_d_steps(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
