@@ -425,6 +425,30 @@ def test_train_state_resumes_exactly(cifar10_dir):
   assert isinstance(state, bytes)
 
 
+def test_worker_processes_keep_the_order_and_resume_exactly(cifar10_dir):
+  cfg = _train_cfg(cifar10_dir)
+  threads = pipeline.make_train_iterator(cfg, 8, 5, process_index=0, process_count=1)
+  cfg.worker_count = 2
+  workers = pipeline.make_train_iterator(cfg, 8, 5, process_index=0, process_count=1)
+  try:
+    for _ in range(7):   # over an epoch boundary (5 batches)
+      a, b = next(threads), next(workers)
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+    state = workers.get_state()
+    want = [next(threads) for _ in range(3)]
+  finally:
+    workers.close()
+  resumed = pipeline.make_train_iterator(cfg, 8, 5, process_index=0, process_count=1)
+  try:
+    resumed.set_state(state)
+    for w in want:
+      np.testing.assert_array_equal(next(resumed)["image"], w["image"])
+  finally:
+    resumed.close()
+    threads.close()
+
+
 def test_video_batches_from_moving_digits():
   cfg = _cfg(name="moving_digits", train_split="test", num_frames=4, image_size=24,
              digit_size=12)

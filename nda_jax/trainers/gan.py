@@ -350,6 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("stopping at step %d after SIGTERM; checkpoint saved", step)
         break
   finally:
+    data_iter.close()
     checkpointer.close()
     writer.close()
     guard.restore_handlers()
