@@ -46,7 +46,8 @@ def gan_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.channels = 3
   c.data.num_classes = 10
-  c.data.worker_count = 0
+  c.data.read_threads = 1                # batches prepared ahead in threads
+  c.data.worker_count = 0               # > 0: in grain worker processes instead
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "biggan"
