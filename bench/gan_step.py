@@ -1,11 +1,20 @@
 r"""NDA-GAN iteration speed: time per iteration, img/s and FLOP utilisation.
 
-  python bench/gan_step.py [--widths=64,16] [--batch=64] [--iters=5] [--conv_impl=auto,xla]
+  python bench/gan_step.py [--widths=64,16] [--batch=64] [--iters=5]
+                           [--variants=xla/loop,auto/loop,auto/unroll]
 
 One iteration = 4 D steps + 1 G step (the paper's schedule) at 32x32 on every
-device present (shard_map over all of them). FLOPs come from XLA's cost analysis
-of the compiled iteration; dividing by the measured time and by the matmul
-FLOP/s this machine reaches in the same run gives a utilisation ratio.
+device present (shard_map over all of them). A variant is conv_impl/D-steps:
+`loop` runs the D steps as a lax.scan loop, `unroll` as straight-line code
+(config.train.d_steps_lowering). FLOPs come from XLA's cost analysis of one
+fixed program for every variant, the unrolled iteration with conv_impl="matmul"
+before optimisation: a loop body is counted once, compiled GPU convolutions are
+library calls without a FLOP count, and XLA counts its own weight-gradient
+convolutions differently. The count depends on the program only, so where a
+backend has no pre-optimisation cost analysis (GPU under jax 0.11) it is n/a
+and the CPU's count applies. Dividing by the measured time and by the matmul
+FLOP/s this machine reaches in the same run gives a utilisation ratio. The
+first variant is the baseline of the speed-up column.
 """
 import argparse
 import time
@@ -19,8 +28,12 @@ from nda_jax import parallel
 from nda_jax.trainers import gan
 
 
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
-  """Dense float32 matmul throughput of one device (the roofline reference)."""
+def matmul_flops_per_sec(repeats: int = 5) -> float:
+  """Dense float32 matmul throughput of one device (the roofline reference).
+
+  At default precision, as the model runs (TF32 tensor cores on recent GPUs).
+  """
+  n = 2048 if jax.default_backend() == "cpu" else 8192
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
@@ -32,23 +45,30 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def bench_iteration(width: int, batch: int, iters: int, conv_impl: str) -> dict[str, float]:
+def bench_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str, float]:
+  conv_impl, d_steps = variant.split("/")
+  if d_steps not in ("loop", "unroll"):
+    raise ValueError(f"variant {variant!r}: D steps must be 'loop' or 'unroll'")
   config = config_lib.gan_config()
   config.model.ch = width
   config.model.conv_impl = conv_impl
   config.train.batch_size = batch
+  config.train.d_steps_lowering = d_steps
   dp = parallel.DataParallel("shard_map")
   state = dp.put_state(gan.init_state(config, jax.random.PRNGKey(0)))
   step = dp.step(gan.make_iteration(config), batch_axis=1)
+  counted_config = config.copy_and_resolve_references()
+  counted_config.train.d_steps_lowering = "unroll"
+  counted_config.model.conv_impl = "matmul"   # the same HLO is counted for every variant
+  counted = dp.step(gan.make_iteration(counted_config), batch_axis=1)
   nd = config.train.num_d_steps
   rng = np.random.RandomState(0)
   host = {"image": rng.randint(0, 256, (nd, batch, 32, 32, 3)).astype(np.uint8),
           "label": np.zeros((nd, batch), np.int32)}
   batch_arrays = dp.shard_batch(host, batch_axis=1)
-  compiled = step.lower(state, batch_arrays).compile()
-  cost = compiled.cost_analysis()
+  cost = counted.lower(state, batch_arrays).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan")))
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   t0 = time.perf_counter()
   state, metrics = step(state, batch_arrays)
   jax.block_until_ready(metrics)
@@ -69,23 +89,23 @@ def main():
   parser.add_argument("--widths", default="64,16")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--conv_impl", default="xla,auto",
-                      help="the first is the baseline of the last column")
+  parser.add_argument("--variants", default="xla/loop,auto/loop,auto/unroll",
+                      help="conv_impl/{loop,unroll}, comma-separated; the first is the baseline")
   args = parser.parse_args()
   peak = matmul_flops_per_sec()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
-  print(f"{'ch':>4} {'conv':>6} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
-        f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7}")
+  print(f"{'ch':>4} {'variant':>12} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
+        f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7} {'1st call s':>10}")
   for width in (int(w) for w in args.widths.split(",")):
     baseline = None
-    for impl in args.conv_impl.split(","):
-      r = bench_iteration(width, args.batch, args.iters, impl)
+    for variant in args.variants.split(","):
+      r = bench_iteration(width, args.batch, args.iters, variant)
       baseline = baseline or r["sec_per_iter"]
       speedup = f"{baseline / r['sec_per_iter']:.2f}x"
       util = r["flops_per_sec"] / (peak * jax.device_count())
-      print(f"{width:>4} {impl:>6} {r['sec_per_iter']:>8.3f} {r['img_per_sec']:>8.1f} "
-            f"{r['flops'] / 1e9:>11.2f} {r['flops_per_sec'] / 1e9:>8.1f} {util:>6.1%} {speedup:>7}")
+      print(f"{width:>4} {variant:>12} {r['sec_per_iter']:>8.3f} {r['img_per_sec']:>8.1f} "
+            f"{r['flops'] / 1e9:>11.2f} {r['flops_per_sec'] / 1e9:>8.1f} {util:>6.1%} {speedup:>7} {r['first_call']:>10.1f}")
 
 
 if __name__ == "__main__":
