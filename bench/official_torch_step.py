@@ -1,0 +1,112 @@
+r"""The official NDA-GAN iteration (ermongroup/NDA, PyTorch), timed like bench/gan_step.py.
+
+  git clone https://github.com/ermongroup/NDA /path/to/NDA
+  python bench/official_torch_step.py --official_repo=/path/to/NDA \
+      [--widths=64,16] [--batch=64] [--iters=5] [--device=cpu|cuda]
+
+Builds the official BigGAN_new G and D, the EMA copy and
+`train_fns_aug.GAN_training_function` with train_C10.sh's arguments (hinge
+loss, jigsaw k=2 NDA, alpha 0.25, beta 0.75, 4 D steps, EMA) and times
+`train(x, y)`, i.e. 4 D steps + 1 G step + EMA, on random CIFAR-shaped batches.
+The official code is not part of this project: pass your own clone.
+
+torchvision and h5py are imported by the official data and sampling utilities
+but not used by the timed iteration; where they are missing or broken (a
+CPU-only torch has no matching torchvision wheel on PyPI) stand-ins take
+their place, so that only the training code is needed.
+"""
+import argparse
+import importlib
+import sys
+import time
+import types
+from unittest import mock
+
+import numpy as np
+
+# train_C10.sh, minus data, logging and evaluation flags.
+TRAIN_C10_ARGS = [
+    "--shuffle", "--batch_size", "64", "--num_G_accumulations", "1", "--num_D_accumulations", "1",
+    "--num_D_steps", "4", "--G_lr", "2e-4", "--D_lr", "2e-4", "--dataset", "C10U",
+    "--G_ortho", "0.0", "--G_attn", "0", "--D_attn", "0", "--G_init", "N02", "--D_init", "N02",
+    "--ema", "--use_ema", "--ema_start", "1000", "--loss_type", "hinge", "--seed", "2",
+    "--model", "BigGAN_new", "--alpha", "0.25", "--beta", "0.75",
+]
+
+
+def _import_or_stand_in(name: str) -> None:
+  try:
+    importlib.import_module(name)
+  except Exception:  # pylint: disable=broad-except  (a broken install raises RuntimeError)
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+      del sys.modules[key]
+    stand_in = mock.MagicMock(name=name)
+    sys.modules[name] = stand_in
+    for sub in ("datasets", "datasets.utils", "transforms", "utils"):
+      sys.modules[f"{name}.{sub}"] = getattr(stand_in, sub)
+
+
+def load_official(repo: str) -> types.SimpleNamespace:
+  for name in ("torchvision", "h5py"):
+    _import_or_stand_in(name)
+  sys.path.insert(0, repo)
+  return types.SimpleNamespace(
+      utils=importlib.import_module("utils"),
+      model=importlib.import_module("BigGAN_new"),
+      train_fns=importlib.import_module("train_fns_aug"))
+
+
+def bench_iteration(official, torch, width: int, batch: int, iters: int, device: str) -> float:
+  args = TRAIN_C10_ARGS + ["--G_ch", str(width), "--D_ch", str(width)]
+  args[args.index("--batch_size") + 1] = str(batch)
+  config = vars(official.utils.prepare_parser().parse_args(args))
+  config.update(resolution=32, n_classes=1,
+                G_activation=torch.nn.ReLU(inplace=False), D_activation=torch.nn.ReLU(inplace=False))
+  official.utils.seed_rng(config["seed"])
+  G = official.model.Generator(**config).to(device)
+  D = official.model.Discriminator(**config).to(device)
+  G_ema = official.model.Generator(**{**config, "skip_init": True, "no_optim": True}).to(device)
+  ema = official.utils.ema(G, G_ema, config["ema_decay"], config["ema_start"])
+  GD = official.model.G_D(G, D, config["conditional"])
+  z_, y_ = official.utils.prepare_z_y(batch, G.dim_z, config["n_classes"], device=device)
+  y_.zero_()
+  state_dict = {"itr": 0, "epoch": 0}
+  train = official.train_fns.GAN_training_function(G, D, GD, z_, y_, ema, state_dict, config)
+  nd = config["num_D_steps"]
+  x = torch.rand(nd * batch, 3, 32, 32, device=device) * 2 - 1
+  y = torch.zeros(nd * batch, dtype=torch.int64, device=device)
+
+  def one():
+    train(x, y)  # returns .item() floats, so it synchronises with the device
+    state_dict["itr"] += 1
+
+  one()  # warm-up (cuDNN autotuning, allocator)
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--official_repo", required=True, help="a clone of github.com/ermongroup/NDA")
+  parser.add_argument("--widths", default="64,16")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--device", default="cpu")
+  args = parser.parse_args()
+  import torch  # pylint: disable=import-outside-toplevel  (optional extra)
+  if args.device == "cuda":
+    torch.backends.cudnn.benchmark = True  # as train_aug.py does
+  official = load_official(args.official_repo)
+  print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads")
+  print(f"{'ch':>4} {'s/iter':>8} {'img/s':>8}")
+  for width in (int(w) for w in args.widths.split(",")):
+    sec = bench_iteration(official, torch, width, args.batch, args.iters, args.device)
+    print(f"{width:>4} {sec:>8.3f} {4 * args.batch / sec:>8.1f}")
+
+
+if __name__ == "__main__":
+  main()
