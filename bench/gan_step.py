@@ -45,30 +45,35 @@ def matmul_flops_per_sec(repeats: int = 5) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def bench_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str, float]:
-  conv_impl, d_steps = variant.split("/")
-  if d_steps not in ("loop", "unroll"):
-    raise ValueError(f"variant {variant!r}: D steps must be 'loop' or 'unroll'")
+def _setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
+  """(data-parallel layer, iteration, replicated state, sharded random batch)."""
   config = config_lib.gan_config()
   config.model.ch = width
   config.model.conv_impl = conv_impl
   config.train.batch_size = batch
-  config.train.d_steps_lowering = d_steps
+  config.train.d_steps_lowering = d_steps_lowering
   dp = parallel.DataParallel("shard_map")
   state = dp.put_state(gan.init_state(config, jax.random.PRNGKey(0)))
   step = dp.step(gan.make_iteration(config), batch_axis=1)
-  counted_config = config.copy_and_resolve_references()
-  counted_config.train.d_steps_lowering = "unroll"
-  counted_config.model.conv_impl = "matmul"   # the same HLO is counted for every variant
-  counted = dp.step(gan.make_iteration(counted_config), batch_axis=1)
   nd = config.train.num_d_steps
   rng = np.random.RandomState(0)
   host = {"image": rng.randint(0, 256, (nd, batch, 32, 32, 3)).astype(np.uint8),
           "label": np.zeros((nd, batch), np.int32)}
-  batch_arrays = dp.shard_batch(host, batch_axis=1)
-  cost = counted.lower(state, batch_arrays).cost_analysis()
+  return step, state, dp.shard_batch(host, batch_axis=1)
+
+
+def count_flops(width: int, batch: int) -> float:
+  """FLOPs of one iteration: the same program for every variant (see above)."""
+  step, state, batch_arrays = _setup(width, batch, "matmul", "unroll")
+  cost = step.lower(state, batch_arrays).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def time_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str, float]:
+  """Median seconds per iteration of `variant` = conv_impl/d_steps_lowering."""
+  conv_impl, d_steps_lowering = variant.split("/")
+  step, state, batch_arrays = _setup(width, batch, conv_impl, d_steps_lowering)
   t0 = time.perf_counter()
   state, metrics = step(state, batch_arrays)
   jax.block_until_ready(metrics)
@@ -79,9 +84,7 @@ def bench_iteration(width: int, batch: int, iters: int, variant: str) -> dict[st
     state, metrics = step(state, batch_arrays)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
-  sec = float(np.median(times))
-  return {"sec_per_iter": sec, "first_call": first, "img_per_sec": nd * batch / sec,
-          "flops": flops, "flops_per_sec": flops / sec}
+  return {"sec_per_iter": float(np.median(times)), "first_call": first}
 
 
 def main():
@@ -90,22 +93,24 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--variants", default="xla/loop,auto/loop,auto/unroll",
-                      help="conv_impl/{loop,unroll}, comma-separated; the first is the baseline")
+                      help="conv_impl/d_steps_lowering (loop, unroll, auto), comma-separated; the first is the baseline")
   args = parser.parse_args()
   peak = matmul_flops_per_sec()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
   print(f"{'ch':>4} {'variant':>12} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
         f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7} {'1st call s':>10}")
+  images = config_lib.gan_config().train.num_d_steps * args.batch
   for width in (int(w) for w in args.widths.split(",")):
+    flops = count_flops(width, args.batch)
     baseline = None
     for variant in args.variants.split(","):
-      r = bench_iteration(width, args.batch, args.iters, variant)
-      baseline = baseline or r["sec_per_iter"]
-      speedup = f"{baseline / r['sec_per_iter']:.2f}x"
-      util = r["flops_per_sec"] / (peak * jax.device_count())
-      print(f"{width:>4} {variant:>12} {r['sec_per_iter']:>8.3f} {r['img_per_sec']:>8.1f} "
-            f"{r['flops'] / 1e9:>11.2f} {r['flops_per_sec'] / 1e9:>8.1f} {util:>6.1%} {speedup:>7} {r['first_call']:>10.1f}")
+      r = time_iteration(width, args.batch, args.iters, variant)
+      sec = r["sec_per_iter"]
+      baseline = baseline or sec
+      util = flops / sec / (peak * jax.device_count())
+      print(f"{width:>4} {variant:>12} {sec:>8.3f} {images / sec:>8.1f} {flops / 1e9:>11.2f} "
+            f"{flops / sec / 1e9:>8.1f} {util:>6.1%} {baseline / sec:>6.2f}x {r['first_call']:>10.1f}")
 
 
 if __name__ == "__main__":
