@@ -148,21 +148,33 @@ def _loss(x, kernel, impl, **kw):
 
 
 def test_path_switch_is_honoured(monkeypatch):
-  x, kernel = _random((2, 34, 34, 40), 0), _random((3, 3, 40, 72), 1)  # input_columns.
-  jaxprs = {impl: str(jax.make_jaxpr(_loss, static_argnums=2)(x, kernel, impl))
-            for impl in ("xla", "matmul", "auto")}
-  assert "custom_vjp_call" in jaxprs["matmul"] and "custom_vjp_call" not in jaxprs["xla"]
-  assert jaxprs["auto"] == jaxprs["matmul"]   # This test runs on the CPU backend.
+  x = _random((2, 34, 34, 40), 0)
+  wide, thin = _random((3, 3, 40, 72), 1), _random((3, 3, 40, 3), 1)   # input/output_columns
+  jaxpr = lambda kernel, impl: str(jax.make_jaxpr(_loss, static_argnums=2)(x, kernel, impl))
+  assert "custom_vjp_call" in jaxpr(wide, "matmul") and "custom_vjp_call" not in jaxpr(wide, "xla")
+  # This test runs on the CPU backend: "auto" takes the path measured faster per shape.
+  assert not layers.matmul_is_faster(wide.shape, (1, 1)) and layers.matmul_is_faster(thin.shape, (1, 1))
+  assert jaxpr(wide, "auto") == jaxpr(wide, "xla")
+  assert jaxpr(thin, "auto") == jaxpr(thin, "matmul") != jaxpr(thin, "xla")
 
   def count(impl, op):
-    hlo = jax.jit(jax.grad(_loss, 1), static_argnums=2).lower(x, kernel, impl).as_text()
+    hlo = jax.jit(jax.grad(_loss, 1), static_argnums=2).lower(x, wide, impl).as_text()
     return hlo.count(f"stablehlo.{op}")
   assert count("xla", "convolution") == 2 and count("xla", "dot_general") == 0   # fwd + dW.
   assert count("matmul", "convolution") == 1 and count("matmul", "dot_general") == 1  # dx DCE'd.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert layers.resolve_impl("auto") == "xla"
+  assert layers.resolve_impl("auto", thin.shape, (1, 1)) == "xla"
   with pytest.raises(ValueError, match="one of"):
-    layers.conv2d(x, kernel, impl="fast")
+    layers.conv2d(x, wide, impl="fast")
+
+
+def test_matmul_is_faster_where_measured():
+  """The shapes of bench/conv_grad.py where "matmul" won (YNNPACK off), and where it lost."""
+  faster = [((1, 1, 256, 64), 1), ((1, 1, 256, 512), 2), ((3, 3, 256, 3), 1), ((3, 3, 64, 3), 1)]
+  slower = [((3, 3, 64, 64), 1), ((3, 3, 256, 256), 1), ((3, 3, 64, 128), 2), ((7, 7, 3, 64), 2),
+            ((3, 3, 3, 64), 1)]
+  assert all(layers.matmul_is_faster(k, (s, s)) for k, s in faster)
+  assert not any(layers.matmul_is_faster(k, (s, s)) for k, s in slower)
 
 
 def test_bad_arguments_raise():

@@ -1,19 +1,23 @@
-"""Layers shared by every model: a 2-D convolution with a fast CPU weight gradient.
+"""Layers shared by every model: a 2-D convolution with fast CPU gradients.
 
-XLA:CPU computes the weight gradient (dW) of a convolution over a large spatial
-extent at 1-7 GFLOP/s (its forward pass and input gradient run 10-30x faster),
-and that one op dominates every conv training step on CPU. dW contracts each
-kernel tap's input pixels with dy over batch and space:
+On CPU, two things decide how fast a conv trains. First, jaxlib 0.10's XLA:CPU
+runs convolutions on YNNPACK, several times slower than its own kernels on
+AVX2 CPUs, and its weight gradient (dW) at 2-7 GFLOP/s; `nda_jax.xla_cpu`
+turns that off on import, after which XLA's forward, input gradient and dW of
+3x3 convs run at 50-120 GFLOP/s, like PyTorch's. Second, XLA:CPU's dW is
+still slow for 1x1 convs and for convs with few output channels (a generator's
+RGB output). There a matmul does better. dW contracts each kernel tap's input
+pixels with dy over batch and space:
 
   dW[i, j] = pad(x)[:, i*dh :: sh, j*dw :: sw, :].reshape(-1, Cin).T @ dy.reshape(-1, Cout)
 
-`conv2d(..., impl="matmul")` computes that with matmuls, which XLA:CPU runs fast:
-a `jax.custom_vjp` whose backward pass gathers the taps (im2col) one batch chunk
-at a time and contracts each chunk in one matmul (`_WEIGHT_GRADS`), while dx keeps
-XLA's own transposed convolution; a 1x1 stride-1 conv is simply a matmul.
-`impl="xla"` leaves everything to XLA; `impl="auto"` picks "matmul" when tracing
-for the CPU backend and "xla" elsewhere (GPU/TPU convolution kernels are fast).
-bench/conv_grad.py measures both against PyTorch.
+`conv2d(..., impl="matmul")` computes that with matmuls: a `jax.custom_vjp`
+whose backward pass gathers the taps (im2col) one batch chunk at a time and
+contracts each chunk in one matmul (`_WEIGHT_GRADS`), while dx keeps XLA's own
+transposed convolution; a 1x1 stride-1 conv is simply a matmul. `impl="xla"`
+leaves everything to XLA. `impl="auto"` picks "matmul" on the CPU backend for
+the shapes where bench/conv_grad.py measured it faster (`matmul_is_faster`)
+and "xla" for the rest and on GPU/TPU (their convolution kernels are fast).
 
 Differentiation: reverse mode to any order (the backward pass is itself made of
 differentiable ops). Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`)
@@ -34,12 +38,12 @@ Pairs = tuple[tuple[int, int], tuple[int, int]]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # a.T @ b for a [M, K1], b [M, K2].
-# Which implementation `impl="auto"` uses on each backend.
-_AUTO_IMPL_BY_BACKEND = {"cpu": "matmul"}
-_AUTO_IMPL_DEFAULT = "xla"
+# Backends on which `impl="auto"` uses "matmul" where `matmul_is_faster`.
+_MATMUL_BACKENDS = ("cpu",)
 # dW strategies, chosen per shape by `weight_grad_strategy` from bench/conv_grad.py
 # on a 2-core x86 CPU. Fewer output channels than this make the [KH*KW*Cin, Cout]
-# matmul too thin, so dy's taps form the columns instead (stride 1 only):
+# matmul too thin, so dy's taps form the columns instead (stride 1 only); XLA:CPU's
+# own dW is slow for those shapes too.
 _THIN_FEATURES = 32
 # Columns are built and contracted one batch chunk at a time, with at most this
 # many bytes of columns per chunk: a chunk stays in cache, and its buffer is reused
@@ -163,6 +167,16 @@ def weight_grad_strategy(kernel_shape: Sequence[int], strides: tuple[int, int]) 
   return "input_columns"
 
 
+def matmul_is_faster(kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
+  """Whether "matmul" beat XLA:CPU (YNNPACK off) for this shape in bench/conv_grad.py.
+
+  1x1 convs: 1.7-2.2x faster dW (fwd and dx within noise of XLA's at stride 1);
+  thin Cout (a generator's RGB output): 1.9-2.3x faster dW. Other convs: XLA's
+  dW is as fast or faster (1.0-2.2x for 3x3 and 7x7 incl. RGB inputs).
+  """
+  return tuple(kernel_shape[:2]) == (1, 1) or weight_grad_strategy(kernel_shape, strides) == "output_columns"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
                  dilation: tuple[int, int]) -> jax.Array:
@@ -203,8 +217,8 @@ def is_pointwise(kernel_shape: Sequence[int], strides: tuple[int, int], padding:
 
 
 def _conv_matmul_path(x, kernel, strides, padding, dilation):
-  """impl="matmul": pointwise convs are 2-D matmuls (all three passes run 1.5-5x
-  faster than XLA:CPU's 1x1 conv here); the rest goes through the custom_vjp."""
+  """impl="matmul": pointwise convs are 2-D matmuls (dW 1.7-2.8x faster than
+  XLA:CPU's 1x1 conv here, fwd and dx up to 1.8x); the rest goes through the custom_vjp."""
   if is_pointwise(kernel.shape, strides, padding):
     return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:3], kernel.shape[-1])
   return _conv_matmul(*_vary_like_each_other(x, kernel), strides, padding, dilation)
@@ -214,10 +228,11 @@ _IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": _conv_xla, "matmul": _conv
 IMPLS = ("auto", *_IMPLS)
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' -> the implementation for the backend being traced for; others pass through."""
+def resolve_impl(impl: str, kernel_shape: Sequence[int], strides: tuple[int, int]) -> str:
+  """'auto' -> the faster implementation for this shape on the backend being traced for."""
   if impl == "auto":
-    return _AUTO_IMPL_BY_BACKEND.get(jax.default_backend(), _AUTO_IMPL_DEFAULT)
+    fast = jax.default_backend() in _MATMUL_BACKENDS and matmul_is_faster(kernel_shape, strides)
+    return "matmul" if fast else "xla"
   if impl not in _IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}.")
   return impl
@@ -229,7 +244,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
   """NHWC x HWIO convolution; `impl` ('auto' | 'xla' | 'matmul') picks how it is computed.
 
   Both implementations compute the same function; "matmul" runs pointwise convs
-  as matmuls and the weight gradient of the others as matmuls (module docstring).
+  as matmuls and the weight gradient of the others as matmuls, "auto" uses it
+  where it is faster (module docstring).
   """
   chex.assert_rank([x, kernel], 4)
   if x.shape[-1] != kernel.shape[2]:
@@ -237,7 +253,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
                      f"{kernel.shape} expects {kernel.shape[2]}.")
   strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
   pads = _explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides, dilation)
-  y = _IMPLS[resolve_impl(impl)](x, kernel, strides, pads, dilation)
+  y = _IMPLS[resolve_impl(impl, kernel.shape, strides)](x, kernel, strides, pads, dilation)
   chex.assert_shape(y, (x.shape[0], None, None, kernel.shape[3]))
   return y
 
