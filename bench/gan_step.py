@@ -1,19 +1,23 @@
 r"""NDA-GAN iteration speed: time per iteration, img/s and FLOP utilisation.
 
   python bench/gan_step.py [--widths=64,16] [--batch=64] [--iters=5]
-                           [--variants=xla/loop,auto/loop,auto/unroll]
+                           [--variants=xla/loop/ynn,auto/loop,auto/unroll]
 
 One iteration = 4 D steps + 1 G step (the paper's schedule) at 32x32 on every
-device present (shard_map over all of them). A variant is conv_impl/D-steps:
-`loop` runs the D steps as a lax.scan loop, `unroll` as straight-line code
-(config.train.d_steps_lowering). FLOPs come from XLA's cost analysis of one
-fixed program for every variant, the unrolled iteration with conv_impl="matmul"
-before optimisation: a loop body is counted once, compiled GPU convolutions are
-library calls without a FLOP count, and XLA counts its own weight-gradient
-convolutions differently. The count depends on the program only, so where a
-backend has no pre-optimisation cost analysis (GPU under jax 0.11) it is n/a
-and the CPU's count applies. Dividing by the measured time and by the matmul
-FLOP/s this machine reaches in the same run gives a utilisation ratio. The
+device present (shard_map over all of them). A variant is conv_impl/D-steps
+[/ynn]: `loop` runs the D steps as a lax.scan loop, `unroll` as straight-line
+code (config.train.d_steps_lowering); `/ynn` compiles with XLA:CPU's
+convolutions on YNNPACK, as jaxlib 0.10 does by default and nda_jax does not
+(`nda_jax.xla_cpu`): xla/loop/ynn is the state before issue 5.
+
+FLOPs come from XLA's cost analysis of one fixed program for every variant,
+the unrolled iteration with conv_impl="matmul" before optimisation: a loop
+body is counted once, compiled GPU convolutions are library calls without a
+FLOP count, and XLA counts its own weight-gradient convolutions differently.
+The count depends on the program only, so where a backend has no
+pre-optimisation cost analysis (GPU under jax 0.11) it is n/a and the CPU's
+count applies. Dividing by the measured time and by the matmul FLOP/s this
+machine reaches in the same run gives a utilisation ratio. The
 first variant is the baseline of the speed-up column.
 """
 import argparse
@@ -25,6 +29,7 @@ import numpy as np
 
 from nda_jax import config_lib
 from nda_jax import parallel
+from nda_jax import xla_cpu
 from nda_jax.trainers import gan
 
 
@@ -71,10 +76,14 @@ def count_flops(width: int, batch: int) -> float:
 
 
 def time_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str, float]:
-  """Median seconds per iteration of `variant` = conv_impl/d_steps_lowering."""
-  conv_impl, d_steps_lowering = variant.split("/")
+  """Median seconds per iteration of `variant` = conv_impl/d_steps_lowering[/ynn]."""
+  conv_impl, d_steps_lowering, *ynn = variant.split("/")
+  if ynn not in ([], ["ynn"]):
+    raise ValueError(f"variant {variant!r}: expected conv_impl/d_steps_lowering[/ynn].")
   step, state, batch_arrays = _setup(width, batch, conv_impl, d_steps_lowering)
   t0 = time.perf_counter()
+  if ynn:
+    step = step.lower(state, batch_arrays).compile(compiler_options=xla_cpu.YNN_CONVOLUTIONS)
   state, metrics = step(state, batch_arrays)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - t0
@@ -92,13 +101,14 @@ def main():
   parser.add_argument("--widths", default="64,16")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--variants", default="xla/loop,auto/loop,auto/unroll",
-                      help="conv_impl/d_steps_lowering (loop, unroll, auto), comma-separated; the first is the baseline")
+  parser.add_argument("--variants", default="xla/loop/ynn,auto/loop,auto/unroll",
+                      help="conv_impl/d_steps_lowering[/ynn] (lowering: loop, unroll, auto), "
+                           "comma-separated; the first is the baseline")
   args = parser.parse_args()
   peak = matmul_flops_per_sec()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
-  print(f"{'ch':>4} {'variant':>12} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
+  print(f"{'ch':>4} {'variant':>16} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
         f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7} {'1st call s':>10}")
   images = config_lib.gan_config().train.num_d_steps * args.batch
   for width in (int(w) for w in args.widths.split(",")):
@@ -109,7 +119,7 @@ def main():
       sec = r["sec_per_iter"]
       baseline = baseline or sec
       util = flops / sec / (peak * jax.device_count())
-      print(f"{width:>4} {variant:>12} {sec:>8.3f} {images / sec:>8.1f} {flops / 1e9:>11.2f} "
+      print(f"{width:>4} {variant:>16} {sec:>8.3f} {images / sec:>8.1f} {flops / 1e9:>11.2f} "
             f"{flops / sec / 1e9:>8.1f} {util:>6.1%} {baseline / sec:>6.2f}x {r['first_call']:>10.1f}")
 
 

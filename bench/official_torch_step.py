@@ -2,13 +2,17 @@ r"""The official NDA-GAN iteration (ermongroup/NDA, PyTorch), timed like bench/g
 
   git clone https://github.com/ermongroup/NDA /path/to/NDA
   python bench/official_torch_step.py --official_repo=/path/to/NDA \
-      [--widths=64,16] [--batch=64] [--iters=5] [--device=cpu|cuda]
+      [--widths=64,16] [--batch=64] [--iters=5] [--device=cpu|cuda] [--with_nda_jax]
 
 Builds the official BigGAN_new G and D, the EMA copy and
 `train_fns_aug.GAN_training_function` with train_C10.sh's arguments (hinge
 loss, jigsaw k=2 NDA, alpha 0.25, beta 0.75, 4 D steps, EMA) and times
 `train(x, y)`, i.e. 4 D steps + 1 G step + EMA, on random CIFAR-shaped batches.
 The official code is not part of this project: pass your own clone.
+With --with_nda_jax, nda_jax's iteration (bench/gan_step.py's, default conv
+path, D steps as configured by "auto") is timed in the same process, the two
+alternating call by call so that load from elsewhere hits both alike, and the
+ratio official/nda_jax is printed (> 1: nda_jax is faster).
 
 torchvision and h5py are imported by the official data and sampling utilities
 but not used by the timed iteration; where they are missing or broken (a
@@ -20,6 +24,7 @@ import importlib
 import sys
 import time
 import types
+from typing import Callable
 from unittest import mock
 
 import numpy as np
@@ -56,7 +61,9 @@ def load_official(repo: str) -> types.SimpleNamespace:
       train_fns=importlib.import_module("train_fns_aug"))
 
 
-def bench_iteration(official, torch, width: int, batch: int, iters: int, device: str) -> float:
+def official_iteration(official, torch, width: int, batch: int,
+                       device: str) -> Callable[[], None]:
+  """One call = one official training iteration (4 D steps + 1 G step + EMA)."""
   args = TRAIN_C10_ARGS + ["--G_ch", str(width), "--D_ch", str(width)]
   args[args.index("--batch_size") + 1] = str(batch)
   config = vars(official.utils.prepare_parser().parse_args(args))
@@ -79,14 +86,33 @@ def bench_iteration(official, torch, width: int, batch: int, iters: int, device:
   def one():
     train(x, y)  # returns .item() floats, so it synchronises with the device
     state_dict["itr"] += 1
+  return one
 
-  one()  # warm-up (cuDNN autotuning, allocator)
-  times = []
+
+def nda_jax_iteration(width: int, batch: int) -> Callable[[], None]:
+  """One call = one nda_jax training iteration, as bench/gan_step.py builds it."""
+  import gan_step  # pylint: disable=import-outside-toplevel  (bench/ is on sys.path)
+  import jax  # pylint: disable=import-outside-toplevel
+  step, state, batch_arrays = gan_step._setup(width, batch, "auto", "auto")  # pylint: disable=protected-access
+  holder = [state]
+
+  def one():
+    holder[0], metrics = step(holder[0], batch_arrays)
+    jax.block_until_ready(metrics)
+  return one
+
+
+def median_seconds(calls: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+  """Median wall time per call after a warm-up call, the calls taken in turn."""
+  for one in calls.values():
+    one()  # warm-up (compilation, cuDNN autotuning, allocator)
+  times = {name: [] for name in calls}
   for _ in range(iters):
-    t = time.perf_counter()
-    one()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+    for name, one in calls.items():
+      t = time.perf_counter()
+      one()
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -96,17 +122,26 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--device", default="cpu")
+  parser.add_argument("--with_nda_jax", action="store_true",
+                      help="time nda_jax's iteration alongside, alternating (see above)")
   args = parser.parse_args()
   import torch  # pylint: disable=import-outside-toplevel  (optional extra)
   if args.device == "cuda":
     torch.backends.cudnn.benchmark = True  # as train_aug.py does
   official = load_official(args.official_repo)
   print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads")
-  print(f"{'ch':>4} {'s/iter':>8} {'img/s':>8}")
+  print(f"{'ch':>4} {'s/iter':>8} {'img/s':>8}" + (
+      f" {'nda_jax s/iter':>14} {'img/s':>8} {'official/nda_jax':>16}" if args.with_nda_jax else ""))
   for width in (int(w) for w in args.widths.split(",")):
-    sec = bench_iteration(official, torch, width, args.batch, args.iters, args.device)
-    print(f"{width:>4} {sec:>8.3f} {4 * args.batch / sec:>8.1f}")
-
+    calls = {"official": official_iteration(official, torch, width, args.batch, args.device)}
+    if args.with_nda_jax:
+      calls["nda_jax"] = nda_jax_iteration(width, args.batch)
+    sec = median_seconds(calls, args.iters)
+    row = f"{width:>4} {sec['official']:>8.3f} {4 * args.batch / sec['official']:>8.1f}"
+    if args.with_nda_jax:
+      row += (f" {sec['nda_jax']:>14.3f} {4 * args.batch / sec['nda_jax']:>8.1f}"
+              f" {sec['official'] / sec['nda_jax']:>15.2f}x")
+    print(row, flush=True)
 
 if __name__ == "__main__":
   main()
