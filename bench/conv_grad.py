@@ -157,11 +157,6 @@ def _kernel_strides(shape: ConvShape) -> tuple[tuple[int, ...], tuple[int, int]]
   return (shape.kernel, shape.kernel, shape.cin, shape.cout), (shape.stride,) * 2
 
 
-def _auto_pick(shape: ConvShape) -> str:
-  """The implementation impl="auto" runs for `shape` on CPU."""
-  return "matmul" if layers.matmul_is_faster(*_kernel_strides(shape)) else "xla"
-
-
 def _matmul_dw_path(shape: ConvShape) -> str:
   kernel_shape, strides = _kernel_strides(shape)
   pad = (shape.kernel // 2,) * 2
@@ -194,7 +189,7 @@ def main() -> None:
   dw_speedups, dw_rates = [], []
   for shape in all_shapes(args.quick):
     t = bench_shape(shape, repeats)
-    auto = _auto_pick(shape)
+    auto = layers.resolve_impl("auto", *_kernel_strides(shape))
     for op in ("fwd", "dx", "dW"):
       row = f"{str(shape):34} {shape.gflop:6.2f} {op:3} "
       row += " ".join(_cell(t.get((op, i)), shape.gflop) for i in impls)
@@ -214,6 +209,7 @@ def main() -> None:
           f"min {worst:.1f}x ({where}), median {np.median([s for s, _ in dw_speedups]):.1f}x; "
           f"target {_TARGET_SPEEDUP:.0f}x {verdict}; impl='auto' dW at "
           f"{min(dw_rates):.0f}-{max(dw_rates):.0f} GFLOP/s")
+
 
 if __name__ == "__main__":
   main()

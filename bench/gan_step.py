@@ -50,7 +50,7 @@ def matmul_flops_per_sec(repeats: int = 5) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def _setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
+def setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
   """(data-parallel layer, iteration, replicated state, sharded random batch)."""
   config = config_lib.gan_config()
   config.model.ch = width
@@ -69,7 +69,7 @@ def _setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
 
 def count_flops(width: int, batch: int) -> float:
   """FLOPs of one iteration: the same program for every variant (see above)."""
-  step, state, batch_arrays = _setup(width, batch, "matmul", "unroll")
+  step, state, batch_arrays = setup(width, batch, "matmul", "unroll")
   cost = step.lower(state, batch_arrays).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -80,7 +80,7 @@ def time_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str
   conv_impl, d_steps_lowering, *ynn = variant.split("/")
   if ynn not in ([], ["ynn"]):
     raise ValueError(f"variant {variant!r}: expected conv_impl/d_steps_lowering[/ynn].")
-  step, state, batch_arrays = _setup(width, batch, conv_impl, d_steps_lowering)
+  step, state, batch_arrays = setup(width, batch, conv_impl, d_steps_lowering)
   t0 = time.perf_counter()
   if ynn:
     step = step.lower(state, batch_arrays).compile(compiler_options=xla_cpu.YNN_CONVOLUTIONS)

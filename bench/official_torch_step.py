@@ -93,7 +93,7 @@ def nda_jax_iteration(width: int, batch: int) -> Callable[[], None]:
   """One call = one nda_jax training iteration, as bench/gan_step.py builds it."""
   import gan_step  # pylint: disable=import-outside-toplevel  (bench/ is on sys.path)
   import jax  # pylint: disable=import-outside-toplevel
-  step, state, batch_arrays = gan_step._setup(width, batch, "auto", "auto")  # pylint: disable=protected-access
+  step, state, batch_arrays = gan_step.setup(width, batch, "auto", "auto")
   holder = [state]
 
   def one():

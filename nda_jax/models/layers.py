@@ -174,7 +174,8 @@ def matmul_is_faster(kernel_shape: Sequence[int], strides: tuple[int, int]) -> b
   thin Cout (a generator's RGB output): 1.9-2.3x faster dW. Other convs: XLA's
   dW is as fast or faster (1.0-2.2x for 3x3 and 7x7 incl. RGB inputs).
   """
-  return tuple(kernel_shape[:2]) == (1, 1) or weight_grad_strategy(kernel_shape, strides) == "output_columns"
+  pointwise = tuple(kernel_shape[:2]) == (1, 1)
+  return pointwise or weight_grad_strategy(kernel_shape, strides) == "output_columns"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
