@@ -174,6 +174,11 @@ class DataParallel:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def default_mesh() -> jax.sharding.Mesh:
+  """All devices along `AXIS`: the mesh of `DataParallel()`, for tools that run outside a trainer."""
+  return DataParallel().mesh
+
+
 def _replicate_pmap(a, num_devices: int):
   """`device_put_replicated` is gone from jax: stack one copy per device; pmap places it."""
   return np.stack([np.asarray(jax.device_get(a))] * num_devices)
