@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nda_jax.importers import inception as importer
 from nda_jax.models import inception
+from nda_jax.models import inception_weights
 
 # One compiled forward for every test: batch 2 of 32x32 images (resized to 299).
 _apply = jax.jit(inception.InceptionV3FID().apply)
@@ -43,14 +43,14 @@ def _random_variables(seed: int = 0):
   """Well-scaled random weights in the Flax layout (He-initialised convs, benign BN)."""
   rng = np.random.RandomState(seed)
   flat = {}
-  for key, shape in importer.expected_shapes().items():
+  for key, shape in inception_weights.expected_shapes().items():
     if key.endswith("kernel"):
       flat[key] = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
     elif key.endswith(("scale", "var")):
       flat[key] = rng.uniform(0.5, 1.5, shape)
     else:
       flat[key] = rng.normal(0, 0.1, shape)
-  return importer._unflatten({k: v.astype(np.float32) for k, v in flat.items()})
+  return inception_weights.unflatten({k: v.astype(np.float32) for k, v in flat.items()})
 
 
 def test_output_shapes_and_logits():
@@ -65,20 +65,20 @@ def test_output_shapes_and_logits():
                              atol=1e-4)
 
 
-def test_importer_npz_round_trip_and_errors(tmp_path):
+def test_weights_npz_round_trip_and_errors(tmp_path):
   variables = _random_variables(1)
   path = str(tmp_path / "inception_fid.npz")
-  importer.save_npz(variables, path)
-  loaded = importer.load_inception_params(path)
+  inception_weights.save_npz(variables, path)
+  loaded = inception_weights.load(path)
   jax.tree.map(np.testing.assert_array_equal, variables, loaded)
   with pytest.raises(FileNotFoundError, match="github.com/mseitzer/pytorch-fid/releases"):
-    importer.load_inception_params(str(tmp_path / importer.WEIGHTS_FILE))
+    inception_weights.load(str(tmp_path / inception_weights.WEIGHTS_FILE))
   with pytest.raises(ValueError, match="not part of the FID Inception"):
-    importer.convert_state_dict({"AuxLogits.fc.weight": np.zeros((1000, 768))})
+    inception_weights.convert_state_dict({"AuxLogits.fc.weight": np.zeros((1000, 768))})
   with pytest.raises(ValueError, match="shape"):
-    importer.convert_state_dict({"fc.weight": np.zeros((1000, 2048))})
+    inception_weights.convert_state_dict({"fc.weight": np.zeros((1000, 2048))})
   with pytest.raises(ValueError, match="lacks"):
-    importer.convert_state_dict({"fc.bias": np.zeros(1008)})
+    inception_weights.convert_state_dict({"fc.bias": np.zeros(1008)})
 
 
 # ------------------------------------------------------------------ torch parity
@@ -240,7 +240,7 @@ def test_torch_parity_and_converter_cli(tmp_path):
       fan_in = np.prod(v.shape[1:])
       state[k] = torch.randn_like(v) * np.sqrt(2.0 / fan_in)
   net.load_state_dict(state)
-  pth = str(tmp_path / importer.WEIGHTS_FILE)
+  pth = str(tmp_path / inception_weights.WEIGHTS_FILE)
   torch.save(state, pth)
 
   # The converter command writes an .npz that loads like the .pth.
@@ -248,8 +248,8 @@ def test_torch_parity_and_converter_cli(tmp_path):
   subprocess.run([sys.executable, "-m", "nda_jax.importers.inception", f"--pth={pth}",
                   f"--out={npz}"], check=True, capture_output=True,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  variables = importer.load_inception_params(npz)
-  jax.tree.map(np.testing.assert_array_equal, variables, importer.load_inception_params(pth))
+  variables = inception_weights.load(npz)
+  jax.tree.map(np.testing.assert_array_equal, variables, inception_weights.load(pth))
 
   x01 = (_IMAGES + 1) / 2
   with torch.no_grad():
@@ -259,3 +259,12 @@ def test_torch_parity_and_converter_cli(tmp_path):
   np.testing.assert_allclose(out["pool"], pool_t.numpy(), rtol=1e-4, atol=1e-4 * scale)
   np.testing.assert_allclose(out["logits"], logits_t.numpy(), rtol=1e-4,
                              atol=1e-4 * np.abs(logits_t.numpy()).max())
+
+
+def test_evaluators_do_not_import_the_importers():
+  """The weight loader sits below both: evaluating FID never loads an importer command."""
+  code = ("import sys; import nda_jax.evaluators.fid; "
+          "print(sorted(m for m in sys.modules if m.startswith('nda_jax.importers')))")
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  assert out.strip() == "[]"

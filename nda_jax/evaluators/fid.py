@@ -39,8 +39,8 @@ import numpy as np
 from nda_jax.evaluators import digits_classifier
 from nda_jax.evaluators import features as features_lib
 from nda_jax.evaluators import metrics
-from nda_jax.importers import inception as importer
 from nda_jax.models import inception
+from nda_jax.models import inception_weights
 
 SampleFn = Callable[[jax.Array, int], Any]
 
@@ -54,7 +54,7 @@ class FeatureNet(NamedTuple):
 
 
 def _inception_net(eval_config: ml_collections.ConfigDict) -> FeatureNet:
-  variables = importer.load_inception_params(eval_config.get("inception_weights"))
+  variables = inception_weights.load(eval_config.get("inception_weights"))
   return FeatureNet(inception.InceptionV3FID().apply, variables, "pool", "logits_unbiased")
 
 

@@ -11,7 +11,7 @@ patches as its `FIDInceptionA/C/E_1/E_2` blocks:
 Every conv has no bias and is followed by BatchNorm (eps 1e-3) and ReLU.
 
 Module names follow torchvision / pytorch-fid (`Mixed_5b/branch1x1/conv`), so
-`nda_jax.importers.inception` maps the weights name for name.
+`nda_jax.models.inception_weights` maps the weights name for name.
 
 Inputs are NHWC float images in [-1, 1], the range the graph expects; this is
 what pytorch-fid's `normalize_input` (x in [0, 1] -> 2x - 1) produces, and what
