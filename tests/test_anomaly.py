@@ -77,19 +77,25 @@ def _fake_cifar10c(path, per=20):
   return tuple(corrupt)
 
 
+DIGITS = ml_collections.ConfigDict({"name": "digits", "image_size": 16, "train_split": "train",
+                                    "eval_split": "test"})
+
+
+def _anomaly_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = evaluators.default_config("anomaly")
+  cfg.update(overrides)
+  return cfg
+
+
 def test_anomaly_evaluator_table(tmp_path):
   c10c = str(tmp_path / "CIFAR-10-C")
   corruptions = _fake_cifar10c(c10c)
-  config = ml_collections.ConfigDict()
-  config.data = ml_collections.ConfigDict({"name": "digits", "image_size": 16})
-  config.eval = ml_collections.ConfigDict({"metrics": ("anomaly",)})
-  config.eval.anomaly = ml_collections.ConfigDict({
-      "batch_size": 64, "max_examples": 200, "cifar10c_dir": c10c,
-      "corruptions": corruptions, "ndas": ["jigsaw"], "synthetic": ["uniform_noise",
-                                                                    "photo_patches"],
-      "ood_data": [{"name": "digits", "image_size": 16, "split": "train",
-                    "label": "digits_train"}]})
-  (evaluator,) = evaluators.build(config, workdir=str(tmp_path))
+  cfg = _anomaly_config(
+      batch_size=64, max_examples=200, cifar10c_dir=c10c, corruptions=corruptions,
+      ndas=("jigsaw",), synthetic=("uniform_noise", "photo_patches"),
+      ood_data=({"name": "digits", "image_size": 16, "split": "train", "label": "digits_train"},))
+  (evaluator,) = evaluators.build(ml_collections.ConfigDict({"anomaly": cfg}), DIGITS,
+                                  workdir=str(tmp_path)).values()
   assert evaluator.requires == ("score_fn",)
   results = dict(evaluator.run(score_fn=_template_score_fn()))
 
@@ -107,7 +113,7 @@ def test_anomaly_evaluator_table(tmp_path):
       np.mean([results[f"anomaly/cifar10c/{n}"] for n in corruptions]))
 
   table = json.load(open(tmp_path / "anomaly" / "anomaly.json"))
-  assert table["in_distribution"]["n"] == 200
+  assert table["in_distribution"] == {**table["in_distribution"], "split": "test", "n": 200}
   assert "[0, 1]" in table["normalisation"]
   assert len(table["rows"]) == 4 + 6 * len(corruptions)
   assert {r["n_ood"] for r in table["rows"] if r["set"] == "cifar10c/brightness"} == {20, 100}
@@ -116,13 +122,40 @@ def test_anomaly_evaluator_table(tmp_path):
   assert "| synthetic/uniform_noise | 200 |" in markdown
 
 
-def test_anomaly_evaluator_reports_missing_cifar10c(tmp_path):
-  config = ml_collections.ConfigDict()
-  config.data = ml_collections.ConfigDict({"name": "digits", "image_size": 16})
-  config.eval = ml_collections.ConfigDict(
-      {"anomaly": {"cifar10c_dir": str(tmp_path), "corruptions": ["fog"]}})
+def test_anomaly_auroc_of_a_synthetic_set_against_numpy(tmp_path):
+  """One set end to end: the evaluator's AUROC is that of the scores of the same images."""
+  score_fn = _template_score_fn()
+  cfg = _anomaly_config(batch_size=16, max_examples=40, synthetic=("uniform_noise",), seed=3,
+                        split="train", out_dir=str(tmp_path / "tables"))
+  results = dict(anomaly.AnomalyEvaluator(cfg, DIGITS).run(score_fn=score_fn))
+  train, _ = digits.load_digits("train", 16)
+  noise = anomaly.uniform_noise(40, train.shape[1:], 3)
+  score = lambda x: np.asarray(score_fn(jnp.asarray(x / 127.5 - 1, jnp.float32), None))
+  expected = _pairwise_auroc(score(train[:40]), score(noise))
+  np.testing.assert_allclose(results["anomaly/synthetic/uniform_noise"], expected, rtol=1e-6)
+  assert json.load(open(tmp_path / "tables" / "anomaly.json"))["in_distribution"]["n"] == 40
+
+
+def test_anomaly_evaluator_rejects_bad_settings(tmp_path):
   with pytest.raises(FileNotFoundError, match="zenodo"):
-    anomaly.AnomalyEvaluator(config)
-  config.eval.anomaly = {"synthetic": ["gaussian_blobs"]}
+    anomaly.AnomalyEvaluator(_anomaly_config(cifar10c_dir=str(tmp_path), corruptions=("fog",)),
+                             DIGITS)
   with pytest.raises(ValueError, match="photo_patches"):
-    anomaly.AnomalyEvaluator(config)
+    anomaly.AnomalyEvaluator(_anomaly_config(synthetic=("gaussian_blobs",)), DIGITS)
+  with pytest.raises(ValueError, match="valid choices"):
+    anomaly.AnomalyEvaluator(_anomaly_config(labels="random"), DIGITS)
+  with pytest.raises(ValueError, match="jigsaw"):     # the NDA error names the valid NDAs
+    anomaly.AnomalyEvaluator(_anomaly_config(ndas=("jigsw",)), DIGITS)
+
+
+def test_default_sets_only_when_none_configured():
+  nda = ml_collections.ConfigDict({"name": "cutout", "probs": None, "params": {}})
+  cfg = _anomaly_config()
+  assert anomaly.with_default_sets(cfg, nda)
+  assert cfg.ndas == (nda.to_dict(),)
+  assert cfg.synthetic == ("photo_patches", "uniform_noise")
+  no_nda = _anomaly_config()
+  assert anomaly.with_default_sets(no_nda, None) and no_nda.ndas == ()
+  configured = _anomaly_config(synthetic=("uniform_noise",))
+  assert not anomaly.with_default_sets(configured, nda)
+  assert configured.ndas == () and configured.synthetic == ("uniform_noise",)

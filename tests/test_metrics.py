@@ -10,6 +10,7 @@ from scipy import linalg
 from scipy import special
 
 from nda_jax import evaluators
+from nda_jax import parallel
 from nda_jax.evaluators import digits_classifier
 from nda_jax.evaluators import features as features_lib
 from nda_jax.evaluators import fid
@@ -190,13 +191,17 @@ def test_sharded_features_equal_unsharded_stats():
 def test_to_unit_range_and_quantize():
   u8 = np.array([0, 128, 255], np.uint8)
   np.testing.assert_allclose(features_lib.to_unit_range(u8), [-1, 128 / 127.5 - 1, 1], atol=1e-7)
+  np.testing.assert_array_equal(features_lib.to_unit_range(u8), parallel.to_float(u8))
   x = jnp.array([-1.0, 0.0, 0.999, 1.0])
+  np.testing.assert_array_equal(features_lib.to_unit_range(x), x)
   # np.uint8(255 * (x + 1) / 2) truncates: 0 -> 127, 0.999 -> 254.
+  expected = np.uint8(255 * (np.asarray(x, np.float64) + 1) / 2)
+  np.testing.assert_array_equal(expected, [0, 127, 254, 255])
   np.testing.assert_allclose(features_lib.to_unit_range(x, quantize=True),
-                             np.array([0, 127, 254, 255]) / 127.5 - 1, atol=1e-6)
+                             expected / 127.5 - 1, atol=1e-6)
 
 
-def test_sample_batches_chunks_and_determinism():
+def test_sample_batches_calls_and_batches_are_independent():
   calls = []
 
   def sample_fn(rng, n):
@@ -205,20 +210,28 @@ def test_sample_batches_chunks_and_determinism():
     return np.random.RandomState(seed).uniform(-1, 1, (n, 2, 2, 3))
 
   rng = jax.random.key(3)
-  a = np.concatenate([b["image"] for b in features_lib.sample_batches(sample_fn, rng, 10, 4)])
-  b = np.concatenate([b["image"] for b in features_lib.sample_batches(sample_fn, rng, 10, 4)])
-  assert calls == [4, 4, 2, 4, 4, 2]
-  np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a[:4], a[4:8])
+  batches = [b["image"] for b in features_lib.sample_batches(sample_fn, rng, 10, 4, 3)]
+  assert calls == [4, 4, 2]
+  assert [len(b) for b in batches] == [3, 3, 3, 1]
+  calls.clear()
+  whole = [b["image"] for b in features_lib.sample_batches(sample_fn, rng, 10, 4, 100)]
+  assert calls == [4, 4, 2] and [len(b) for b in whole] == [10]
+  np.testing.assert_array_equal(np.concatenate(batches), whole[0])
+  # Call i draws from fold_in(rng, i): the images do not depend on the feature batch size.
+  second = sample_fn(jax.random.fold_in(rng, 1), 4)
+  np.testing.assert_array_equal(whole[0][4:8], second)
+  assert not np.allclose(whole[0][:4], whole[0][4:8])
 
 
 # --------------------------------------------------------------------- fd_digits / evaluators
-def _digits_config(**eval_kw):
-  c = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict({"name": "digits", "image_size": 16, "train_split": "train"})
-  c.eval = ml_collections.ConfigDict({"metrics": ("fd_digits",), "num_samples": 200,
-                                      "batch_size": 64, **eval_kw})
-  return c
+DIGITS = ml_collections.ConfigDict({"name": "digits", "image_size": 16, "train_split": "train",
+                                    "eval_split": "test"})
+
+
+def _digits_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = evaluators.default_config("sample_quality")
+  cfg.update({"metrics": ("fd_digits",), "num_samples": 200, "batch_size": 64, **overrides})
+  return cfg
 
 
 @pytest.fixture(scope="module")
@@ -235,22 +248,29 @@ def digits_net(tmp_path_factory):
   return fid.FeatureNet(digits_classifier.DigitsCNN().apply, variables, "features", "logits")
 
 
+@pytest.fixture
+def use_digits_net(digits_net, monkeypatch):
+  monkeypatch.setitem(fid.FEATURE_NETS, "digits", lambda cfg: digits_net)
+  return digits_net
+
+
 def test_digits_classifier_learns(digits_net):
   from nda_jax.data import digits  # pylint: disable=g-import-not-at-top
   images, labels = digits.load_digits("test", digits_classifier.INPUT_SIZE)
   assert digits_classifier.accuracy(digits_net.variables, images, labels) > 0.5
 
 
-def test_fd_digits_evaluator_real_vs_noise(digits_net, tmp_path):
+def test_fd_digits_evaluator_real_vs_noise(use_digits_net, tmp_path):
   from nda_jax.data import digits  # pylint: disable=g-import-not-at-top
   real, _ = digits.load_digits("train", 16)
-  config = _digits_config(kid_subsets=10)
-  config.eval.metrics = ("fd_digits", "kid_digits")
-  ev = fid.SampleQualityEvaluator(config, "digits", ["fd_digits", "kid_digits"],
-                                  workdir=str(tmp_path), net=digits_net)
-  assert ev.requires == ("sample_fn",)
+  cfg = _digits_config(metrics=("fd_digits", "kid_digits"), kid_subsets=10, sample_batch_size=48)
+  (ev,) = evaluators.build(ml_collections.ConfigDict({"fd": cfg}), DIGITS,
+                           workdir=str(tmp_path)).values()
+  assert isinstance(ev, fid.SampleQualityEvaluator) and ev.requires == ("sample_fn",)
+  calls = []
 
   def real_fn(rng, n):
+    calls.append(n)
     seed = np.asarray(jax.random.key_data(rng)).ravel()
     return real[np.random.RandomState(seed).choice(len(real), n, replace=False)]
 
@@ -259,6 +279,7 @@ def test_fd_digits_evaluator_real_vs_noise(digits_net, tmp_path):
     return np.random.RandomState(seed).uniform(-1, 1, (n, 16, 16, 3))
 
   good = dict(ev.run(sample_fn=real_fn))
+  assert calls == [48, 48, 48, 48, 8]     # num_samples=200 in calls of sample_batch_size
   assert set(good) == {"fd_digits", "kid_digits", "kid_digits_std"}
   assert len(os.listdir(tmp_path / "eval_cache")) == 1   # reference statistics cached
   bad = dict(ev.run(sample_fn=noise_fn))
@@ -273,22 +294,113 @@ def test_fd_digits_evaluator_real_vs_noise(digits_net, tmp_path):
   np.testing.assert_array_equal(sigma2, sigma)
 
 
-def test_ref_stats_compute_matches_direct(digits_net, monkeypatch):
+def test_fd_digits_is_the_frechet_distance_of_the_features(use_digits_net):
+  """The evaluator's number against NumPy statistics of the same images' features."""
   from nda_jax.data import digits  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(fid.FEATURE_NETS, "digits", lambda cfg: digits_net)
+  real, _ = digits.load_digits("train", 16)
+  test, _ = digits.load_digits("test", 16)
+  cfg = _digits_config(num_samples=100, sample_batch_size=32, ref_split="test")
+  ev = fid.SampleQualityEvaluator(cfg, DIGITS)
+  value = dict(ev.run(sample_fn=lambda rng, n: real[:n]))["fd_digits"]
+  embed = lambda x: np.asarray(jax.jit(use_digits_net.apply_fn)(
+      use_digits_net.variables, jnp.asarray(x / 127.5 - 1, jnp.float32))["features"], np.float64)
+  # sample_fn returns the first n train images on every call: 3 x 32 + 4 of them.
+  x = embed(np.concatenate([real[:32]] * 3 + [real[:4]]))
+  y = embed(test)
+  expected = _fid_by_eigenvalues(x.mean(0), np.cov(x, rowvar=False), y.mean(0),
+                                 np.cov(y, rowvar=False))
+  np.testing.assert_allclose(value, expected, rtol=1e-3)
+
+
+def test_ref_stats_compute_matches_direct(use_digits_net):
+  from nda_jax.data import digits  # pylint: disable=g-import-not-at-top
   data = ml_collections.ConfigDict({"name": "digits", "image_size": 16})
   stats = ref_stats.compute(data, "test", "digits", ml_collections.ConfigDict(), batch_size=64)
   images, _ = digits.load_digits("test", 16)
-  direct = np.asarray(jax.jit(digits_net.apply_fn)(
-      digits_net.variables, jnp.asarray(images / 127.5 - 1, jnp.float32))["features"], np.float64)
+  direct = np.asarray(jax.jit(use_digits_net.apply_fn)(
+      use_digits_net.variables, jnp.asarray(images / 127.5 - 1, jnp.float32))["features"],
+      np.float64)
   assert stats.count == len(images) == 300
   np.testing.assert_allclose(stats.mu, direct.mean(0), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(stats.sigma, np.cov(direct, rowvar=False), rtol=1e-3, atol=1e-4)
 
 
-def test_build_rejects_unknown_metric_and_groups_by_network():
-  with pytest.raises(ValueError, match="valid choices"):
-    evaluators.build(_digits_config(), metric_names=("fid", "bogus"))
+# --------------------------------------------------------------------- the registry
+def test_build_rejects_bad_entries_naming_the_valid_ones():
+  build = lambda **entry: evaluators.build(ml_collections.ConfigDict({"e": entry}), DIGITS)
+  with pytest.raises(ValueError, match=r"type='sample_qualty' .*did you mean 'sample_quality'"):
+    build(type="sample_qualty")
+  with pytest.raises(ValueError, match=r"config.evals.e.num_sampels is not a setting of a "
+                     r"'sample_quality' evaluator \(did you mean 'num_samples'\?\)"):
+    build(type="sample_quality", num_sampels=10)
+  with pytest.raises(ValueError, match=r"unknown \['bogus'\]; valid choices"):
+    build(type="sample_quality", metrics=("fid", "bogus"))
+  with pytest.raises(ValueError, match="one config.evals entry per network"):
+    build(type="sample_quality", metrics=("fid", "fd_digits"))
   with pytest.raises(FileNotFoundError, match="pytorch-fid"):
-    evaluators.build(_digits_config(inception_weights="/nonexistent.pth"),
-                     metric_names=("fid", "is"))
+    build(type="sample_quality", metrics=("fid", "is"), inception_weights="/nonexistent.pth")
+  with pytest.raises(ValueError, match=r"no evaluator 'fdd' in config.evals \(did you mean 'fd'"):
+    evaluators.build(ml_collections.ConfigDict({"fd": _digits_config()}), DIGITS, only=["fdd"])
+
+
+class FakeEvaluator:
+  """A new evaluator type: one class, one REGISTRY line."""
+  requires = ("embed_fn",)
+
+  @staticmethod
+  def default_config():
+    return ml_collections.ConfigDict({"type": "fake", "every": 0, "scale": 1.0, "split": ""})
+
+  def __init__(self, cfg, data_cfg, *, workdir, mesh):
+    self.cfg, self.data_cfg, self.workdir, self.mesh = cfg, data_cfg, workdir, mesh
+
+  def run(self, embed_fn):
+    yield "fake/sum", self.cfg.scale * float(np.sum(embed_fn(np.ones((2, 1), np.uint8))))
+
+
+def test_registry_takes_a_new_type_with_no_other_change(monkeypatch):
+  monkeypatch.setitem(evaluators.REGISTRY, "fake", f"{__name__}:FakeEvaluator")
+  assert evaluators.default_config("fake").to_dict() == FakeEvaluator.default_config().to_dict()
+  evals = ml_collections.ConfigDict({"f": {"type": "fake", "scale": 3.0},
+                                     "fd": _digits_config()})
+  built = evaluators.build(evals, DIGITS, workdir="/w", mesh="m", only=["f"])
+  (ev,) = built.values()
+  assert list(built) == ["f"] and isinstance(ev, FakeEvaluator)
+  assert ev.cfg.to_dict() == {"type": "fake", "every": 0, "scale": 3.0, "split": ""}
+  assert (ev.data_cfg, ev.workdir, ev.mesh) == (DIGITS, "/w", "m")
+  assert dict(ev.run(embed_fn=lambda x: x * 2)) == {"fake/sum": 12.0}
+  with pytest.raises(ValueError, match=r"config.evals.f.scal is not a setting of a 'fake' "
+                     r"evaluator \(did you mean 'scale'\?\)"):
+    evaluators.validate(ml_collections.ConfigDict({"f": {"type": "fake", "scal": 2.0}}))
+
+
+def test_upgrade_legacy_eval_section():
+  config = ml_collections.ConfigDict({"eval": {
+      "metrics": ["fid", "fd_digits", "is", "anomaly"], "every": 500, "num_samples": 50,
+      "sample_batch_size": 16, "inception_weights": "/w.pth", "ref_stats": None, "ref_num": None,
+      "sample_chunk": 10, "anomaly": {"synthetic": ["uniform_noise"], "max_examples": 64,
+                                      "ndas": [{"name": "jigsaw"}]}}})
+  evaluators.upgrade_legacy(config)
+  assert "eval" not in config and set(config.evals) == {"fid", "fd_digits", "anomaly"}
+  fid_cfg, digits_cfg, anomaly_cfg = (config.evals[k] for k in ("fid", "fd_digits", "anomaly"))
+  assert fid_cfg.metrics == ("fid", "is") and digits_cfg.metrics == ("fd_digits",)
+  defaults = evaluators.default_config("sample_quality")
+  for entry in (fid_cfg, digits_cfg):
+    assert set(entry) == set(defaults)
+    assert (entry.every, entry.num_samples, entry.sample_batch_size) == (500, 50, 16)
+    assert entry.inception_weights == "/w.pth"
+    assert entry.ref_num == defaults.ref_num and entry.kid_subsets == defaults.kid_subsets
+  assert set(anomaly_cfg) == set(evaluators.default_config("anomaly"))
+  assert (anomaly_cfg.every, anomaly_cfg.max_examples) == (500, 64)
+  assert anomaly_cfg.synthetic == ("uniform_noise",) and anomaly_cfg.ndas == ({"name": "jigsaw"},)
+  # New-style configs only gain missing declared keys; a second call changes nothing.
+  partial = ml_collections.ConfigDict({"evals": {"x": {"type": "sample_quality",
+                                                       "num_samples": 7}}})
+  evaluators.upgrade_legacy(partial)
+  assert partial.evals.x.num_samples == 7 and set(partial.evals.x) == set(defaults)
+  before = partial.to_dict()
+  evaluators.upgrade_legacy(partial)
+  assert partial.to_dict() == before
+  no_metrics = ml_collections.ConfigDict({"eval": {"metrics": [], "every": 5}})
+  evaluators.upgrade_legacy(no_metrics)
+  assert no_metrics.evals.to_dict() == {}

@@ -1,46 +1,164 @@
-"""Evaluators: sample quality (FID / IS / KID, fd_digits) and anomaly detection.
+"""Evaluators by type: a registry, their declared configs, and building them from `config.evals`.
 
-big_vision's shape: an evaluator is built from the config and its `run(...)`
-yields `(name, value)` pairs. It depends on the trainer only through
-callables, named in its `requires`:
-  sample_fn(rng, n) -> n images [n, H, W, C] in [-1, 1]        (fid, is, kid, fd_digits, ...)
-  score_fn(images, labels) -> [B] scores, e.g. D(x)           (anomaly)
-so a caller runs `ev.run(**{k: fns[k] for k in ev.requires})`.
+big_vision's shape: `config.evals` is a ConfigDict of named evaluators, each
+`config.evals.<name>` the full `default_config(<type>)` with overrides:
+`type` (a key of REGISTRY), `every` (training steps between runs; 0: only at
+the end of training) and the keys its class declares. Nothing reads an
+undeclared key, so `--config.evals.<name>.<key>=...` is checked against them.
 
-`config.eval.metrics` names the metrics; metrics of one feature network share
-one evaluator (one pass over the samples).
+An evaluator class has
+  __init__(cfg, data_cfg, *, workdir, mesh)   its own entry and the run's data config;
+  requires: tuple[str, ...]                   the callables `run` takes;
+  default_config() -> ConfigDict              every key it reads, incl. type and every;
+  run(**fns) -> Iterable[(metric, value)].
+It depends on the trainer only through those callables:
+  sample_fn(rng, n) -> n images [n, H, W, C] in [-1, 1]    (sample_quality)
+  score_fn(images, labels) -> [B] scores, e.g. D(x)        (anomaly)
+  embed_fn(images uint8) -> [B, D] features                (knn)
+so a caller runs `ev.run(**{k: fns[k] for k in ev.requires})`. A new metric is
+one module and one REGISTRY line.
 """
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
+import difflib
+import importlib
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 
-ANOMALY = "anomaly"
+# type -> "module:Class"; a module is imported only when its type is used.
+REGISTRY: dict[str, str] = {
+    "sample_quality": "nda_jax.evaluators.fid:SampleQualityEvaluator",
+    "anomaly": "nda_jax.evaluators.anomaly:AnomalyEvaluator",
+    "knn": "nda_jax.evaluators.knn:KnnEvaluator",
+}
 
 
-def valid_metrics() -> tuple[str, ...]:
-  from nda_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
-  return (*fid.METRICS, ANOMALY)
+def get_class(type_name: str) -> type:
+  if type_name not in REGISTRY:
+    raise ValueError(f"unknown evaluator type {type_name!r}; valid types: {sorted(REGISTRY)}")
+  module, name = REGISTRY[type_name].split(":")
+  return getattr(importlib.import_module(module), name)
 
 
-def build(config: ml_collections.ConfigDict, workdir: str | None = None,
-          mesh: jax.sharding.Mesh | None = None,
-          metric_names: Sequence[str] | None = None) -> list[Any]:
-  """Evaluators for `metric_names` (default config.eval.metrics), in a fixed order."""
-  from nda_jax.evaluators import anomaly  # pylint: disable=g-import-not-at-top
-  from nda_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
-  names = tuple(config.eval.metrics if metric_names is None else metric_names)
-  unknown = sorted(set(names) - set(valid_metrics()))
-  if unknown:
-    raise ValueError(f"Unknown eval metric(s) {unknown}; valid choices: {sorted(valid_metrics())}.")
-  by_network: dict[str, list[str]] = {}
+def default_config(type_name: str) -> ml_collections.ConfigDict:
+  """Every key an evaluator of `type_name` reads, with its default (incl. type and every)."""
+  config = get_class(type_name).default_config()
+  if config.get("type") != type_name or "every" not in config:
+    raise TypeError(f"{REGISTRY[type_name]}.default_config() must declare type={type_name!r} "
+                    f"and every")
+  return config
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+  """' (did you mean ...?)' naming the close matches of a mistyped key, or ''."""
+  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def validate(evals_cfg: ml_collections.ConfigDict) -> None:
+  """ValueError for an unknown type, or a key its type does not declare (naming close ones)."""
+  for name, entry in evals_cfg.items():
+    if not isinstance(entry, (ml_collections.ConfigDict, Mapping)) or "type" not in entry:
+      raise ValueError(f"config.evals.{name} must be a section with a `type`, one of "
+                       f"{sorted(REGISTRY)}")
+    if entry["type"] not in REGISTRY:
+      raise ValueError(f"config.evals.{name}.type={entry['type']!r} is not an evaluator type"
+                       f"{did_you_mean(entry['type'], REGISTRY)}; valid types: "
+                       f"{sorted(REGISTRY)}")
+    declared = default_config(entry["type"])
+    for key in entry:
+      if key not in declared:
+        raise ValueError(f"config.evals.{name}.{key} is not a setting of a {entry['type']!r} "
+                         f"evaluator{did_you_mean(key, declared)}; its settings: "
+                         f"{sorted(declared)}")
+
+
+def with_defaults(evals_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A validated copy of `evals_cfg` in which every entry has all its type's declared keys."""
+  validate(evals_cfg)
+  out = ml_collections.ConfigDict()
+  for name, entry in evals_cfg.items():
+    full = default_config(entry["type"])
+    for key, value in entry.items():
+      full[key] = value
+    out[name] = full
+  return out
+
+
+def build(evals_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, *,
+          workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+          only: Iterable[str] | None = None) -> dict[str, Any]:
+  """{name: evaluator} for the entries of `evals_cfg` (or those named in `only`)."""
+  evals = with_defaults(evals_cfg)
+  names = list(evals) if only is None else list(dict.fromkeys(only))
   for name in names:
-    if name != ANOMALY:
-      by_network.setdefault(fid.METRICS[name][0], []).append(name)
-  evaluators: list[Any] = [
-      fid.SampleQualityEvaluator(config, network, group, workdir=workdir, mesh=mesh)
-      for network, group in by_network.items()]
-  if ANOMALY in names:
-    evaluators.append(anomaly.AnomalyEvaluator(config, workdir=workdir, mesh=mesh))
-  return evaluators
+    if name not in evals:
+      raise ValueError(f"no evaluator {name!r} in config.evals{did_you_mean(name, evals)}; "
+                       f"configured: {sorted(evals)}")
+  return {name: get_class(evals[name].type)(evals[name], data_cfg, workdir=workdir, mesh=mesh)
+          for name in names}
+
+
+# ------------------------------------------------------------------ configs of older runs
+# Keys of the old `eval` section that are no evaluator setting: read into the new
+# shape (metrics, every, anomaly) or superseded (sample_chunk: sample_batch_size).
+_LEGACY_SECTION_KEYS = ("metrics", "every", "anomaly", "sample_chunk")
+
+
+def _fill(entry: ml_collections.ConfigDict, legacy: Mapping[str, Any]) -> None:
+  """Declared legacy values into `entry`; None ('unset' then) keeps a non-None default."""
+  for key, value in legacy.items():
+    if key in entry and (value is not None or entry[key] is None):
+      entry[key] = value
+
+
+def _warn_dropped(legacy: Mapping[str, Any], declared: Iterable[str], where: str) -> None:
+  for key in sorted(set(legacy) - set(declared)):
+    logging.warning("config.json: %s.%s is not an evaluator setting (it had no effect then "
+                    "either); dropped", where, key)
+
+
+def upgrade_legacy(config: ml_collections.ConfigDict) -> None:
+  """Brings a loaded run config's evaluators up to date, in place.
+
+  A config.json written before `config.evals` has one `eval` section
+  (metrics, every, num_samples, sample_batch_size, inception_weights,
+  ref_stats, ..., and `anomaly`); it becomes one `sample_quality` entry per
+  feature network, named after its first metric ('fid', 'fd_digits'), and an
+  `anomaly` entry. Every entry then gets the declared keys it lacks, at
+  their defaults (configs written before a key was declared).
+  """
+  if "eval" in config:
+    if "evals" in config:
+      raise ValueError("the config has both `eval` (before config.evals) and `evals`")
+    from nda_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
+    legacy = config.eval
+    names = tuple(legacy.get("metrics") or ())
+    unknown = sorted(set(names) - set(fid.METRICS) - {"anomaly"})
+    if unknown:
+      raise ValueError(f"config.json: eval.metrics has unknown metric(s) {unknown}")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+      if name != "anomaly":
+        groups.setdefault(fid.METRICS[name][0], []).append(name)
+    every = legacy.get("every") or 0
+    anomaly_legacy = legacy.get("anomaly") or {}
+    _warn_dropped(legacy, [*default_config("sample_quality"), *_LEGACY_SECTION_KEYS], "eval")
+    _warn_dropped(anomaly_legacy, default_config("anomaly"), "eval.anomaly")
+    evals = ml_collections.ConfigDict()
+    for group in groups.values():
+      entry = default_config("sample_quality")
+      _fill(entry, {k: v for k, v in legacy.items() if k not in _LEGACY_SECTION_KEYS})
+      entry.metrics, entry.every = tuple(group), every
+      evals[group[0]] = entry
+    if "anomaly" in names:
+      entry = default_config("anomaly")
+      _fill(entry, anomaly_legacy)
+      entry.every = every
+      evals.anomaly = entry
+    del config["eval"]
+    config.evals = evals
+  if "evals" in config:
+    config.evals = with_defaults(config.evals)

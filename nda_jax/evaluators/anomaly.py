@@ -15,23 +15,26 @@ code (train_fns_aug.py:GAN_log_function) fed x / 255 in [0, 1] instead, which
 is not what D was trained on; we do not reproduce that.
 
   score_fn(images, labels) -> [B] scores, images a float32 [-1, 1] global
-  jax.Array [B, H, W, C] split over the mesh axis 'data', labels int32 [B].
-  Labels are zeros (as the official code, which ran D with y = 0) unless
-  `labels='given'`, which passes each set's own labels (a conditional D).
+  jax.Array [B, H, W, C] split over the mesh axis `parallel.AXIS`, labels
+  int32 [B]. Labels are zeros (as the official code, which ran D with y = 0)
+  unless `labels='given'`, which passes each set's own labels (a conditional D).
 
-Config (config.eval.anomaly, a ConfigDict; in-dist data is config.data):
-  split        in-distribution split (default 'test').
-  batch_size   global batch size of score_fn calls (default 500).
-  max_examples at most this many images per set (per severity for CIFAR-10-C).
-  labels       'zeros' (default) or 'given'.
-  cifar10c_dir directory of the CIFAR-10-C .npy files (None: skip).
+Config (`default_config()`; the in-distribution data is the run's data config):
+  split        in-distribution split ('': the data's eval_split).
+  batch_size   global batch size of score_fn calls.
+  max_examples at most this many images per set (per severity for CIFAR-10-C;
+               0: all).
+  labels       'zeros' or 'given'.
+  cifar10c_dir directory of the CIFAR-10-C .npy files (None: no CIFAR-10-C).
   corruptions  CIFAR-10-C corruptions (default: the official 19).
-  ood_data     list of data configs (`nda_jax.data` keys, plus `split`,
-               default 'test', and `label`, the table name).
-  ndas         list of NDA configs (a name, or {'name', 'params', 'probs'}).
+  ood_data     data configs (`nda_jax.data` keys, plus `split`, default
+               'test', and `label`, the table name, default its `name`).
+  ndas         NDA configs (a name, or {'name', 'params', 'probs'}).
   synthetic    names from SYNTHETIC.
-  seed         NDA and synthetic-set seed (default 0).
-  out_dir      where anomaly.json / anomaly.md go (default <workdir>/anomaly).
+  seed         NDA and synthetic-set seed.
+  out_dir      where anomaly.json / anomaly.md go (None: <workdir>/anomaly).
+The set lists are empty by default; `with_default_sets` fills in the run's
+own NDA and the synthetic sets (what `nda_jax.eval` does when none is set).
 """
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import json
@@ -48,6 +51,7 @@ import numpy as np
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
+from nda_jax import parallel
 from nda_jax.evaluators import features as features_lib
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -111,11 +115,11 @@ class Scorer:
                labels: str = "zeros", channels: int = 3):
     if labels not in LABEL_MODES:
       raise ValueError(f"labels={labels!r}; valid choices: {LABEL_MODES}")
-    self.mesh = mesh or features_lib.default_mesh()
+    self.mesh = mesh or parallel.default_mesh()
     self.batch_size = round_batch(batch_size, self.mesh)
     self.local_batch = self.batch_size // jax.process_count()
     self._score_fn = score_fn
-    self._sharding = NamedSharding(self.mesh, P(features_lib.AXIS))
+    self._sharding = NamedSharding(self.mesh, P(parallel.AXIS))
     self._zero_labels = labels == "zeros"
     self.channels = channels
 
@@ -187,34 +191,87 @@ def _fill_padding(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------- evaluator
+SET_KEYS = ("ndas", "ood_data", "synthetic", "cifar10c_dir")
+
+
 def _nda_config(spec: Any) -> dict[str, Any]:
   if isinstance(spec, str):
     return {"name": spec}
   return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
 
 
+def _ood_source(spec: Any) -> tuple[str, str, ml_collections.ConfigDict]:
+  """An `ood_data` entry -> (table label, split, its data config)."""
+  data = ml_collections.ConfigDict(_nda_config(spec))
+  split = data.get("split", "test")
+  label = data.get("label", data.name)
+  for key in ("split", "label"):
+    if key in data:
+      del data[key]
+  return label, split, data
+
+
+def with_default_sets(cfg: ml_collections.ConfigDict,
+                      nda_cfg: ml_collections.ConfigDict | None) -> bool:
+  """Without any configured OOD set: the run's NDA (if any) and every synthetic set.
+
+  An NDA-GAN's D was trained to reject exactly its NDA, so NDA(test) is the
+  natural first out-of-distribution set; the synthetic ones show how D ranks
+  images unlike anything it saw. Returns whether `cfg` was changed.
+  """
+  if any(cfg[k] for k in SET_KEYS):
+    return False
+  if nda_cfg is not None:
+    cfg.ndas = (nda_cfg.to_dict(),)
+  cfg.synthetic = tuple(sorted(SYNTHETIC))
+  return True
+
+
 class AnomalyEvaluator:
   """AUROC of score_fn between the in-distribution test split and every OOD set."""
   requires = ("score_fn",)
 
-  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str | None = None,
-               mesh: jax.sharding.Mesh | None = None):
-    self.config = config
-    self.cfg = config.eval.get("anomaly") or ml_collections.ConfigDict()
-    self.mesh = mesh
-    self.out_dir = self.cfg.get("out_dir") or (os.path.join(workdir, "anomaly") if workdir else None)
-    unknown = sorted(set(self.cfg.get("synthetic") or ()) - set(SYNTHETIC))
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    str_or_none = lambda: ml_collections.FieldReference(None, field_type=str)
+    return ml_collections.ConfigDict({
+        "type": "anomaly",
+        "every": 0,                 # steps between runs; 0: only at the end of training
+        "split": "",
+        "batch_size": 500,
+        "max_examples": 0,
+        "labels": "zeros",
+        "cifar10c_dir": str_or_none(),
+        "corruptions": CIFAR10C_CORRUPTIONS,
+        "ood_data": (),
+        "ndas": (),
+        "synthetic": (),
+        "seed": 0,
+        "out_dir": str_or_none(),
+    })
+
+  def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, *,
+               workdir: str | None = None, mesh: jax.sharding.Mesh | None = None):
+    from nda_jax.augment import negative  # pylint: disable=g-import-not-at-top
+    self.cfg = cfg
+    self.data_cfg = data_cfg
+    self.mesh = mesh or parallel.default_mesh()
+    self.out_dir = cfg.out_dir or (os.path.join(workdir, "anomaly") if workdir else None)
+    if cfg.labels not in LABEL_MODES:
+      raise ValueError(f"labels={cfg.labels!r}; valid choices: {LABEL_MODES}")
+    unknown = sorted(set(cfg.synthetic) - set(SYNTHETIC))
     if unknown:
       raise ValueError(f"Unknown synthetic OOD set(s) {unknown}; valid: {sorted(SYNTHETIC)}.")
-    self._ndas = [(_nda_config(s)["name"], _nda_config(s)) for s in self.cfg.get("ndas") or ()]
-    self._c10c_dir = self.cfg.get("cifar10c_dir")
-    self._corruptions = tuple(self.cfg.get("corruptions") or CIFAR10C_CORRUPTIONS)
-    if self._c10c_dir:
-      missing = [c for c in (*self._corruptions, "labels")
-                 if not os.path.exists(os.path.join(self._c10c_dir, f"{c}.npy"))]
+    # Built here: a bad NDA config fails before any work.
+    self._ndas = [(spec["name"], negative.build_nda(spec)) for spec in map(_nda_config, cfg.ndas)]
+    self._ood = [_ood_source(spec) for spec in cfg.ood_data]
+    if cfg.cifar10c_dir:
+      missing = [c for c in (*cfg.corruptions, "labels")
+                 if not os.path.exists(os.path.join(cfg.cifar10c_dir, f"{c}.npy"))]
       if missing:
-        raise FileNotFoundError(f"CIFAR-10-C files {missing} not found in {self._c10c_dir!r}; "
-                                f"get CIFAR-10-C.tar from {CIFAR10C_URL} and unpack it there.")
+        raise FileNotFoundError(f"CIFAR-10-C files {missing} not found in "
+                                f"{cfg.cifar10c_dir!r}; get CIFAR-10-C.tar from "
+                                f"{CIFAR10C_URL} and unpack it there.")
 
   def _eval_data(self, data_cfg: ml_collections.ConfigDict, split: str, batch_size: int):
     from nda_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # heavy (grain)
@@ -226,8 +283,8 @@ class AnomalyEvaluator:
     Every process stops after the same number of batches, so the collectives
     inside score_fn stay matched.
     """
-    limit = self.cfg.get("max_examples")
-    per_process = None if limit is None else -(-limit // jax.process_count())
+    limit = self.cfg.max_examples
+    per_process = -(-limit // jax.process_count()) if limit else None
     position = 0
     for batch in batches:
       if per_process is not None and position >= per_process:
@@ -242,13 +299,11 @@ class AnomalyEvaluator:
     """Scores every set, writes the table, yields ('anomaly/<set>[/s<k>]', AUROC)."""
     start = time.time()
     cfg = self.cfg
-    split = cfg.get("split", "test")
-    mesh = self.mesh or features_lib.default_mesh()
-    in_data = self._eval_data(self.config.data, split,
-                              round_batch(cfg.get("batch_size", 500), mesh))
+    split = cfg.split or self.data_cfg.eval_split
+    in_data = self._eval_data(self.data_cfg, split, round_batch(cfg.batch_size, self.mesh))
     shape = tuple(in_data.element_shape)
-    scorer = Scorer(score_fn, in_data.batch_size * jax.process_count(), mesh,
-                    cfg.get("labels", "zeros"), channels=shape[-1])
+    scorer = Scorer(score_fn, in_data.batch_size * jax.process_count(), self.mesh, cfg.labels,
+                    channels=shape[-1])
     in_scores = scorer.score_batches(self._limited(in_data))
     rows = []
 
@@ -256,37 +311,33 @@ class AnomalyEvaluator:
       rows.append({"set": name, "severity": severity, "n_ood": int(len(scores)),
                    "auroc": auroc(in_scores, scores), "mean_score": float(np.mean(scores))})
 
-    seed = cfg.get("seed", 0)
-    for index, (name, nda_cfg) in enumerate(self._ndas):
-      from nda_jax.augment import negative  # pylint: disable=g-import-not-at-top
-      nda = jax.jit(negative.build_nda(nda_cfg))
-      key = jax.random.fold_in(jax.random.key(seed), index)
+    for index, (name, nda_fn) in enumerate(self._ndas):
+      nda = jax.jit(nda_fn)
+      key = jax.random.fold_in(jax.random.key(cfg.seed), index)
       transform = lambda i, x, nda=nda, key=key: np.asarray(nda(jax.random.fold_in(key, i), x))
       add(f"nda/{name}", scorer.score_batches(self._limited(in_data), transform))
 
-    for ood in cfg.get("ood_data") or ():
-      ood = ml_collections.ConfigDict(ood)
-      data = self._eval_data(ood, ood.get("split", "test"), scorer.batch_size)
+    for label, ood_split, ood in self._ood:
+      data = self._eval_data(ood, ood_split, scorer.batch_size)
       if tuple(data.element_shape)[:2] != shape[:2]:
-        raise ValueError(f"OOD set {ood.get('label', ood.name)!r} has images "
-                         f"{data.element_shape}, the in-distribution ones {shape}; set its "
-                         f"image_size.")
-      add(ood.get("label", ood.name), scorer.score_batches(self._limited(data)))
+        raise ValueError(f"OOD set {label!r} has images {data.element_shape}, the "
+                         f"in-distribution ones {shape}; set its image_size.")
+      add(label, scorer.score_batches(self._limited(data)))
 
-    for name in cfg.get("synthetic") or ():
-      num = cfg.get("max_examples") or len(in_scores)
-      images = SYNTHETIC[name](num, shape, seed)
+    for name in cfg.synthetic:
+      num = cfg.max_examples or len(in_scores)
+      images = SYNTHETIC[name](num, shape, cfg.seed)
       add(f"synthetic/{name}", scorer.score_array(images, np.zeros(num, np.int32)))
 
-    if self._c10c_dir:
-      labels = np.load(os.path.join(self._c10c_dir, "labels.npy"))
-      for corruption in self._corruptions:
-        images = np.load(os.path.join(self._c10c_dir, f"{corruption}.npy"), mmap_mode="r")
+    if cfg.cifar10c_dir:
+      labels = np.load(os.path.join(cfg.cifar10c_dir, "labels.npy"))
+      for corruption in cfg.corruptions:
+        images = np.load(os.path.join(cfg.cifar10c_dir, f"{corruption}.npy"), mmap_mode="r")
         if images.shape[1:] != shape:
           raise ValueError(f"{corruption}.npy holds {images.shape[1:]} images, the in-"
                            f"distribution data {shape}.")
         per = len(images) // CIFAR10C_SEVERITIES
-        take = min(per, cfg.get("max_examples") or per)
+        take = min(per, cfg.max_examples or per)
         by_severity = [scorer.score_array(images[s * per:s * per + take],
                                           labels[s * per:s * per + take])
                        for s in range(CIFAR10C_SEVERITIES)]

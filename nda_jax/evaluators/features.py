@@ -1,10 +1,11 @@
 """Feature extraction over all devices, one batch at a time.
 
 A feature network (the FID Inception, the digits classifier) runs as one
-jit-compiled `shard_map` over a 1-D mesh `('data',)`: every device embeds its
-slice of the batch and the features are all-gathered, so every process sees
-the whole batch's features. Statistics are accumulated on the host in float64
-(`metrics.GaussianStats`), so only one batch of images is ever materialised.
+jit-compiled `shard_map` over the mesh axis `parallel.AXIS`: every device
+embeds its slice of the batch and the features are all-gathered, so every
+process sees the whole batch's features. Statistics are accumulated on the
+host in float64 (`metrics.GaussianStats`), so only one batch of images is ever
+materialised.
 
 Inputs are this process's images, uint8 in [0, 255] or float in [-1, 1],
 NHWC. Batches are padded to a fixed size (one compilation) and the padding
@@ -20,32 +21,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nda_jax import parallel
 from nda_jax.evaluators import metrics
-
-AXIS = "data"
 
 ApplyFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
 Features = dict[str, np.ndarray]
 
 
-def default_mesh() -> jax.sharding.Mesh:
-  """All devices along `AXIS` (the layout the trainer uses)."""
-  return jax.make_mesh((jax.device_count(),), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-
-
 def to_unit_range(images: jax.Array, quantize: bool = False) -> jax.Array:
   """uint8 [0, 255] or float [-1, 1] -> float32 [-1, 1].
 
-  `quantize` rounds float images to the 256 levels a uint8 file would hold,
-  by truncation as BigGAN-PyTorch's `sample.py` (`np.uint8(255 * (x + 1) / 2)`)
-  does before the official FID is computed.
+  uint8 goes through `parallel.to_float`, the conversion the models were
+  trained with. `quantize` first truncates float images to the 256 levels a
+  uint8 file would hold, as BigGAN-PyTorch's `sample.py`
+  (`np.uint8(255 * (x + 1) / 2)`) does before the official FID is computed;
+  those levels then take the same `to_float` path as real uint8 images.
   """
   if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 127.5 - 1.0
-  x = images.astype(jnp.float32)
+    return parallel.to_float(images)
+  x = jnp.asarray(images, jnp.float32)
   if quantize:
-    x = jnp.floor(jnp.clip(255.0 * (x + 1.0) / 2.0, 0.0, 255.0)) / 127.5 - 1.0
+    return parallel.to_float(jnp.floor(jnp.clip(255.0 * (x + 1.0) / 2.0, 0.0, 255.0))
+                             .astype(jnp.uint8))
   return x
 
 
@@ -59,14 +56,15 @@ class FeatureExtractor:
   def __init__(self, apply_fn: ApplyFn, variables: Any, *, batch_size: int,
                mesh: jax.sharding.Mesh | None = None, quantize: bool = False,
                channels: int = 3, precision: str | None = "highest"):
-    self.mesh = mesh or default_mesh()
-    if AXIS not in self.mesh.axis_names:
-      raise ValueError(f"The mesh needs an axis named {AXIS!r}, has {self.mesh.axis_names}.")
+    self.mesh = mesh or parallel.default_mesh()
+    if parallel.AXIS not in self.mesh.axis_names:
+      raise ValueError(f"The mesh needs an axis named {parallel.AXIS!r}, has "
+                       f"{self.mesh.axis_names}.")
     local_devices = self.mesh.local_mesh.devices.size
     self.batch_size = -(-batch_size // local_devices) * local_devices
     self.channels = channels
     self.precision = precision
-    self._sharding = NamedSharding(self.mesh, P(AXIS))
+    self._sharding = NamedSharding(self.mesh, P(parallel.AXIS))
     self._variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
 
     def per_device(variables, images, mask):
@@ -75,11 +73,11 @@ class FeatureExtractor:
         x = jnp.repeat(x, channels, axis=-1)
       out = dict(apply_fn(variables, x))
       out["mask"] = mask
-      return jax.tree.map(lambda a: jax.lax.all_gather(a, AXIS, tiled=True), out)
+      return jax.tree.map(lambda a: jax.lax.all_gather(a, parallel.AXIS, tiled=True), out)
 
-    self._fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
-                                     in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
-                                     check_vma=False))
+    batch = P(parallel.AXIS)
+    self._fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), batch, batch),
+                                     out_specs=P(), check_vma=False))
 
   def _run(self, images: np.ndarray, mask: np.ndarray) -> Features:
     """One padded batch of exactly `batch_size` images -> this batch's valid features."""
@@ -130,12 +128,21 @@ def gaussian_stats(feature_batches: Iterable[Features], key: str,
   return stats
 
 
-def sample_batches(sample_fn: Callable[[jax.Array, int], Any], rng: jax.Array,
-                   num: int, chunk: int) -> Iterator[dict[str, np.ndarray]]:
-  """`num` images from `sample_fn(rng, n)` in chunks of `chunk`, keyed by fold_in(rng, i)."""
-  for i, start in enumerate(range(0, num, chunk)):
-    n = min(chunk, num - start)
+def sample_batches(sample_fn: Callable[[jax.Array, int], Any], rng: jax.Array, num: int,
+                   call_size: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """`num` images from `sample_fn(fold_in(rng, i), n)` calls of `call_size`, in batches of
+  `batch_size` (the last one smaller): how many images one call draws (a GAN's BN batch)
+  is independent of how many the feature network embeds at once."""
+  pending, count = [], 0
+  for i, start in enumerate(range(0, num, call_size)):
+    n = min(call_size, num - start)
     images = np.asarray(jax.device_get(sample_fn(jax.random.fold_in(rng, i), n)))
     if images.shape[0] != n:
       raise ValueError(f"sample_fn(rng, {n}) returned {images.shape[0]} images.")
-    yield {"image": images}
+    pending.append(images)
+    count += n
+    while count >= batch_size or (count and start + n == num):
+      joined = np.concatenate(pending)
+      yield {"image": joined[:batch_size]}
+      rest = joined[batch_size:]
+      pending, count = [rest], len(rest)

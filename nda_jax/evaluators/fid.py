@@ -1,31 +1,37 @@
-"""Sample-quality evaluators: FID / IS / KID (FID Inception) and fd_digits.
+"""Sample-quality evaluator: FID / IS / KID (FID Inception) or fd_digits / kid_digits.
 
-One `SampleQualityEvaluator` per feature network embeds `num_samples` images
-drawn from a sampler callable and reports the requested metrics of those
-features. Shape as in big_vision: build with the config, then
+A `SampleQualityEvaluator` embeds `num_samples` images drawn from a sampler
+callable in the features of one network and reports the requested metrics
+of those features. Shape as in big_vision: build with its config, then
 `run(sample_fn=...)` yields `(name, value)` pairs.
 
   sample_fn(rng, n) -> this process's n images, [n, H, W, C], float in [-1, 1]
-                       (or uint8); drawn in chunks of `eval.sample_chunk`, the
-                       i-th chunk from `fold_in(rng, i)` with rng from `eval.seed`.
+                       (or uint8). It is called with n = `sample_batch_size`
+                       (the last call with the rest), the i-th call with
+                       fold_in(rng, i), rng from `seed`. A GAN draws one call
+                       as one generator batch, so with batch-statistics BN
+                       this is the BN batch (64 in the official protocol).
 
-Config keys read (config.eval unless noted):
+Config (`default_config()`; one network per evaluator: metrics of the
+Inception and of the digits classifier go to two `config.evals` entries):
+  metrics            keys of METRICS, e.g. ('fid', 'is', 'kid') or ('fd_digits',).
   num_samples        images drawn per evaluation (10000: the paper's FID-10k).
-  sample_chunk       images per sample_fn call; 0 (default) = all at once.
-  batch_size         images per process per feature batch (default 100).
-  seed               sampling seed (default 0, as the official sample.py).
-  quantize           truncate samples to uint8 levels first (default True, as the
-                     official pipeline saved uint8 samples before computing FID).
+  sample_batch_size  images per sample_fn call (see above).
+  batch_size         images per process per feature batch.
+  seed               sampling seed (0, as the official sample.py).
+  quantize           truncate samples to uint8 levels first (True, as the official
+                     pipeline saved uint8 samples before computing FID).
   inception_weights  pytorch-fid's .pth or a converted .npz (fid / is / kid).
+  digits_classifier  cache file of the fd_digits classifier (None: ~/.cache).
   ref_stats          TTUR/pytorch-fid .npz for `fid`; when unset, the statistics
-                     of config.data's `ref_split` (default: its train split) are
-                     computed once and cached under <workdir>/eval_cache/.
-  ref_split, ref_num reference split and at most this many of its images.
-  is_splits          Inception Score splits (10).
-  kid_subsets, kid_subset_size   KID subsets (100 of 1000).
-  digits_classifier  cache path of the fd_digits classifier (default: ~/.cache).
+                     of the data's `ref_split` are computed once and cached under
+                     <workdir>/eval_cache/.
+  ref_split          reference split ('': the data's train_split).
+  ref_num            use at most this many reference images (0: all).
+  is_splits          Inception Score splits.
+  kid_subsets, kid_subset_size   KID subsets.
 """
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 import hashlib
 import os
 import time
@@ -53,16 +59,17 @@ class FeatureNet(NamedTuple):
   logits_key: str
 
 
-def _inception_net(eval_config: ml_collections.ConfigDict) -> FeatureNet:
-  variables = inception_weights.load(eval_config.get("inception_weights"))
+def _inception_net(cfg: ml_collections.ConfigDict) -> FeatureNet:
+  variables = inception_weights.load(cfg.inception_weights)
   return FeatureNet(inception.InceptionV3FID().apply, variables, "pool", "logits_unbiased")
 
 
-def _digits_net(eval_config: ml_collections.ConfigDict) -> FeatureNet:
-  variables = digits_classifier.load_or_train(path=eval_config.get("digits_classifier"))
+def _digits_net(cfg: ml_collections.ConfigDict) -> FeatureNet:
+  variables = digits_classifier.load_or_train(path=cfg.digits_classifier)
   return FeatureNet(digits_classifier.DigitsCNN().apply, variables, "features", "logits")
 
 
+# network -> its builder, which reads the network's weights key of the config.
 FEATURE_NETS: dict[str, Callable[[ml_collections.ConfigDict], FeatureNet]] = {
     "inception": _inception_net,
     "digits": _digits_net,
@@ -79,11 +86,25 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def data_features(data_config: ml_collections.ConfigDict, split: str,
+def network_of(metric_names: tuple[str, ...]) -> str:
+  """The one feature network of `metric_names`; ValueError naming the valid choices."""
+  unknown = sorted(set(metric_names) - set(METRICS))
+  if unknown or not metric_names:
+    raise ValueError(f"metrics={tuple(metric_names)!r}: unknown {unknown}; valid choices: "
+                     f"{sorted(METRICS)}")
+  networks = sorted({METRICS[n][0] for n in metric_names})
+  if len(networks) > 1:
+    raise ValueError(f"metrics={tuple(metric_names)!r} need the networks {networks}; one "
+                     f"sample_quality evaluator embeds with one network: use one "
+                     f"config.evals entry per network")
+  return networks[0]
+
+
+def data_features(data_cfg: ml_collections.ConfigDict, split: str,
                   extractor: features_lib.FeatureExtractor) -> Iterator[features_lib.Features]:
   """Features of every image of a data source's split, batch by batch."""
   from nda_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # heavy (grain)
-  batches = pipeline.make_eval_iterator(data_config, split,
+  batches = pipeline.make_eval_iterator(data_cfg, split,
                                         extractor.batch_size * jax.process_count())
   logging.info("embedding %r", batches.source)
   return extractor.iterate(batches)
@@ -100,52 +121,70 @@ class SampleQualityEvaluator:
   """Metrics of generated samples in the features of one network."""
   requires = ("sample_fn",)
 
-  def __init__(self, config: ml_collections.ConfigDict, network: str,
-               metric_names: Sequence[str], *, workdir: str | None = None,
-               mesh: jax.sharding.Mesh | None = None, net: FeatureNet | None = None):
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    str_or_none = lambda: ml_collections.FieldReference(None, field_type=str)
+    return ml_collections.ConfigDict({
+        "type": "sample_quality",
+        "every": 0,                 # steps between runs; 0: only at the end of training
+        "metrics": ("fid",),
+        "num_samples": 10000,
+        "sample_batch_size": 64,
+        "batch_size": 100,
+        "seed": 0,
+        "quantize": True,
+        "inception_weights": str_or_none(),
+        "digits_classifier": str_or_none(),
+        "ref_stats": str_or_none(),
+        "ref_split": "",
+        "ref_num": 0,
+        "is_splits": 10,
+        "kid_subsets": 100,
+        "kid_subset_size": 1000,
+    })
+
+  def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, *,
+               workdir: str | None = None, mesh: jax.sharding.Mesh | None = None):
     """Args:
-      config: the experiment config (reads `eval` and, for references, `data`).
-      network: a key of FEATURE_NETS.
-      metric_names: metrics of that network (keys of METRICS).
+      cfg: this evaluator's config (`default_config()` keys).
+      data_cfg: the run's data config (the reference images).
       workdir: where reference statistics are cached (None: not cached).
-      mesh: the device mesh (default: all devices along 'data').
-      net: use this network instead of building FEATURE_NETS[network] (tests).
+      mesh: the device mesh (default: `parallel.default_mesh()`).
     """
-    if network not in FEATURE_NETS:
-      raise ValueError(f"Unknown feature network {network!r}; valid: {sorted(FEATURE_NETS)}.")
-    for name in metric_names:
-      if METRICS.get(name, (None,))[0] != network:
-        raise ValueError(f"Metric {name!r} is not one of the {network!r} metrics "
-                         f"{sorted(k for k, v in METRICS.items() if v[0] == network)}.")
-    self.config = config
-    self.eval_config = config.eval
-    self.network = network
-    self.metric_names = tuple(metric_names)
+    self.cfg = cfg
+    self.data_cfg = data_cfg
+    self.metric_names = tuple(cfg.metrics)
+    self.network = network_of(self.metric_names)
+    for key in ("num_samples", "sample_batch_size", "batch_size"):
+      if cfg[key] < (2 if key == "num_samples" else 1):
+        raise ValueError(f"{key}={cfg[key]}: too small")
     self.workdir = workdir
-    self.net = net or FEATURE_NETS[network](self.eval_config)
+    self.net = FEATURE_NETS[self.network](cfg)
     self.extractor = features_lib.FeatureExtractor(
-        self.net.apply_fn, self.net.variables, batch_size=self.eval_config.get("batch_size", 100),
-        mesh=mesh, quantize=self.eval_config.get("quantize", True))
+        self.net.apply_fn, self.net.variables, batch_size=cfg.batch_size, mesh=mesh,
+        quantize=cfg.quantize)
     self._reference: dict[str, Any] = {}
 
   # --------------------------------------------------------------- references
+  @property
+  def ref_split(self) -> str:
+    return self.cfg.ref_split or self.data_cfg.train_split
+
   def _reference_batches(self) -> Iterator[features_lib.Features]:
-    data = self.config.data
-    split = self.eval_config.get("ref_split") or data.get("train_split", "train")
-    return data_features(data, split, self.extractor)
+    return data_features(self.data_cfg, self.ref_split, self.extractor)
 
   def _cache_path(self) -> str | None:
     if not self.workdir:
       return None
-    desc = repr(sorted(self.config.data.to_dict().items())) + repr(
-        (self.eval_config.get("ref_split"), self.eval_config.get("ref_num"), self.network))
+    desc = repr(sorted(self.data_cfg.to_dict().items())) + repr(
+        (self.ref_split, self.cfg.ref_num, self.network))
     digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
     return os.path.join(self.workdir, "eval_cache", f"ref_stats_{self.network}_{digest}.npz")
 
   def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the reference: `eval.ref_stats` (fid only), the cache, or computed."""
+    """(mu, sigma) of the reference: `ref_stats` (inception only), the cache, or computed."""
     if "stats" not in self._reference:
-      path = self.eval_config.get("ref_stats") if self.network == "inception" else None
+      path = self.cfg.ref_stats if self.network == "inception" else None
       cache = self._cache_path()
       if path:
         self._reference["stats"] = metrics.load_stats(path)
@@ -153,16 +192,16 @@ class SampleQualityEvaluator:
         self._reference["stats"] = metrics.load_stats(cache)
       else:
         stats = features_lib.gaussian_stats(self._reference_batches(), self.net.features_key,
-                                            self.eval_config.get("ref_num"))
+                                            self.cfg.ref_num or None)
         self._reference["stats"] = (stats.mu, stats.sigma)
         if cache and jax.process_index() == 0:
           metrics.save_stats(cache, *self._reference["stats"])
     return self._reference["stats"]
 
   def reference_features(self) -> np.ndarray:
-    """Features of (at most num_samples) reference images, for KID."""
+    """Features of (at most `ref_num`, default `num_samples`) reference images, for KID."""
     if "features" not in self._reference:
-      limit = self.eval_config.get("ref_num") or self.eval_config.num_samples
+      limit = self.cfg.ref_num or self.cfg.num_samples
       chunks, count = [], 0
       for feats in self._reference_batches():
         chunks.append(feats[self.net.features_key][:limit - count])
@@ -175,13 +214,12 @@ class SampleQualityEvaluator:
   # --------------------------------------------------------------------- run
   def run(self, sample_fn: SampleFn) -> Iterator[tuple[str, float]]:
     """Draws the samples, embeds them batch by batch, yields (metric, value)."""
-    cfg = self.eval_config
+    cfg = self.cfg
     start = time.time()
-    num = cfg.num_samples
     stats = {METRICS[n][1] for n in self.metric_names}
     samples = _SampleFeatures(metrics.GaussianStats(), [], [])
-    batches = features_lib.sample_batches(sample_fn, jax.random.key(cfg.get("seed", 0)), num,
-                                          cfg.get("sample_chunk", 0) or num)
+    batches = features_lib.sample_batches(sample_fn, jax.random.key(cfg.seed), cfg.num_samples,
+                                          cfg.sample_batch_size, self.extractor.batch_size)
     for feats in self.extractor.iterate(batches):
       samples.gaussian.update(feats[self.net.features_key])
       if "kid" in stats:
@@ -190,24 +228,23 @@ class SampleQualityEvaluator:
         samples.logits.append(feats[self.net.logits_key])
     for name in self.metric_names:
       yield from self._statistics[METRICS[name][1]](self, name, samples)
-    logging.info("%s metrics of %d samples in %.1f s", self.network, num, time.time() - start)
+    logging.info("%s metrics of %d samples in %.1f s", self.network, samples.gaussian.count,
+                 time.time() - start)
 
   def _fd(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
     g = samples.gaussian
     yield name, metrics.frechet_distance(g.mu, g.sigma, *self.reference_stats())
 
   def _is(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
-    mean, std = metrics.inception_score(np.concatenate(samples.logits),
-                                        self.eval_config.get("is_splits", 10))
+    mean, std = metrics.inception_score(np.concatenate(samples.logits), self.cfg.is_splits)
     yield name, mean
     yield f"{name}_std", std
 
   def _kid(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
     mean, std = metrics.kernel_inception_distance(
-        np.concatenate(samples.features), self.reference_features(),
-        self.eval_config.get("kid_subsets", 100), self.eval_config.get("kid_subset_size", 1000))
+        np.concatenate(samples.features), self.reference_features(), self.cfg.kid_subsets,
+        self.cfg.kid_subset_size)
     yield name, mean
     yield f"{name}_std", std
 
   _statistics = {"fd": _fd, "is": _is, "kid": _kid}
-

@@ -35,12 +35,16 @@ def data_flag_defaults() -> ml_collections.ConfigDict:
 
 
 def compute(data_config: ml_collections.ConfigDict, split: str, network: str,
-            eval_config: ml_collections.ConfigDict, batch_size: int = 100,
+            weights: ml_collections.ConfigDict, batch_size: int = 100,
             max_count: int | None = None) -> metrics.GaussianStats:
-  """Statistics of `network` features over (the first `max_count` images of) a split."""
+  """Statistics of `network` features over (the first `max_count` images of) a split.
+
+  `weights` holds what the network's builder reads: `inception_weights` or
+  `digits_classifier`, as in a `sample_quality` evaluator's config.
+  """
   if network not in fid.FEATURE_NETS:
     raise ValueError(f"Unknown feature network {network!r}; valid: {sorted(fid.FEATURE_NETS)}.")
-  net = fid.FEATURE_NETS[network](eval_config)
+  net = fid.FEATURE_NETS[network](weights)
   extractor = features_lib.FeatureExtractor(net.apply_fn, net.variables, batch_size=batch_size)
   return features_lib.gaussian_stats(fid.data_features(data_config, split, extractor),
                                      net.features_key, max_count)
@@ -55,9 +59,9 @@ def main(argv):
   if not f.out:
     raise app.UsageError("--out is required.")
   data = ml_collections.ConfigDict({k: v for k, v in data.to_dict().items() if v is not None})
-  eval_config = ml_collections.ConfigDict({"inception_weights": f.inception_weights,
-                                           "digits_classifier": f.digits_classifier})
-  stats = compute(data, f.split, f.features, eval_config, f.batch_size, f.num or None)
+  weights = ml_collections.ConfigDict({"inception_weights": f.inception_weights,
+                                       "digits_classifier": f.digits_classifier})
+  stats = compute(data, f.split, f.features, weights, f.batch_size, f.num or None)
   metrics.save_stats(f.out, stats.mu, stats.sigma)
   logging.info("Wrote statistics of %d images (%s features) to %s", stats.count, f.features,
                f.out)
