@@ -9,10 +9,10 @@ INSTALL_REQUIRES = [
     "chex>=0.1.92",
     "ml-collections>=1.1",
     "absl-py>=2.1",
-    "clu>=0.0.12",                 # clu.metrics only (metric_writers needs TensorFlow)
     "tensorflow-datasets>=4.9.10",  # used through tfds.data_source (array_record), no TensorFlow
     "importlib_resources",         # needed by tfds, not declared by it
     "grain>=0.2.18",
+    "etils[epath]>=1.5",            # workdir I/O: local folders and buckets alike
     "dm-pix>=0.4.3",               # on-device colour / blur ops for positive views
     "numpy>=2",
     "scipy>=1.11",
@@ -28,12 +28,14 @@ setup(
     description="Negative Data Augmentation (NDA-GAN, NDA contrastive learning) in JAX/Flax",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["nda_jax", "nda_jax.*"]),
+    packages=find_packages(include=["nda_jax", "nda_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
         # Weight importers (official BigGAN-PyTorch / pytorch-fid checkpoints) and their parity tests.
         "torch": ["torch>=2.1"],
+        # gs:// workdirs (TPU VM jobs writing to a bucket).
+        "gcs": ["etils[epath-gcs]"],
     },
 )

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nda_jax import config_lib
+from configs import common
 from nda_jax import parallel
 from nda_jax import xla_cpu
 from nda_jax.trainers import gan
@@ -52,14 +52,15 @@ def matmul_flops_per_sec(repeats: int = 5) -> float:
 
 def setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
   """(data-parallel layer, iteration, replicated state, sharded random batch)."""
-  config = config_lib.gan_config()
+  config = common.gan_config()
   config.model.ch = width
   config.model.conv_impl = conv_impl
   config.train.batch_size = batch
   config.train.d_steps_lowering = d_steps_lowering
   dp = parallel.DataParallel("shard_map")
-  state = dp.put_state(gan.init_state(config, jax.random.PRNGKey(0)))
-  step = dp.step(gan.make_iteration(config), batch_axis=1)
+  method = gan.GAN(config)
+  state = dp.put_state(method.init_state(jax.random.PRNGKey(0)))
+  step = dp.step(method.make_step(), batch_axis=1)
   nd = config.train.num_d_steps
   rng = np.random.RandomState(0)
   host = {"image": rng.randint(0, 256, (nd, batch, 32, 32, 3)).astype(np.uint8),
@@ -110,7 +111,7 @@ def main():
   print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
   print(f"{'ch':>4} {'variant':>16} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
         f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7} {'1st call s':>10}")
-  images = config_lib.gan_config().train.num_d_steps * args.batch
+  images = common.gan_config().train.num_d_steps * args.batch
   for width in (int(w) for w in args.widths.split(",")):
     flops = count_flops(width, args.batch)
     baseline = None

@@ -7,13 +7,13 @@ Variants `:cond`, `:baseline` as in cifar10_nda_gan.py. The paper reports FID
 improvements over the BigGAN baseline; reference statistics of the CIFAR-100
 test set come from `python -m nda_jax.evaluators.ref_stats`.
 """
-from nda_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_variants(arg, ("cond", "baseline"))
-  c = config_lib.gan_config()
+  variants = common.parse_variants(arg, ("cond", "baseline"))
+  c = common.gan_config()
   c.data.name = "cifar100"
   c.data.num_classes = 100
-  config_lib.apply_gan_variants(c, variants)
+  common.apply_gan_variants(c, variants)
   return c

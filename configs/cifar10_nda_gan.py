@@ -7,17 +7,17 @@ Variants: `:cond` (train_C10_cond.sh), `:baseline` (alpha=1, beta=0), combinable
 
   python -m nda_jax.main --config=configs/cifar10_nda_gan.py \
       --config.data.data_dir=/path/with/cifar-10-batches-py \
-      --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
-      --config.eval.ref_stats=cifar10_10k_stats.npz --workdir=runs/c10_nda
+      --config.evals.fid.inception_weights=pt_inception-2015-12-05-6726825d.pth \
+      --config.evals.fid.ref_stats=cifar10_10k_stats.npz --workdir=runs/c10_nda
 
 Expected (paper, FID-10k with the TF Inception, best checkpoint): unconditional
 NDA 12.61 vs baseline 18.64; conditional NDA 9.42.
 """
-from nda_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_variants(arg, ("cond", "baseline"))
-  c = config_lib.gan_config()
-  config_lib.apply_gan_variants(c, variants)
+  variants = common.parse_variants(arg, ("cond", "baseline"))
+  c = common.gan_config()
+  common.apply_gan_variants(c, variants)
   return c

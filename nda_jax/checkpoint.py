@@ -1,37 +1,60 @@
-"""Orbax checkpoints of the whole TrainState plus the input-pipeline position.
+"""Orbax checkpoints: the whole TrainState plus the input-pipeline position, as one unit.
 
-A checkpoint is everything a run needs to continue bit-for-bit: the TrainState
-pytree (params, optimizer states, SN/BN statistics, EMA, RNG key, step) saved by
-Orbax, and each process's data-iterator state as a small JSON file beside it.
-Latest-N checkpoints are kept, plus the best-N by an evaluation metric (FID by
-default) when the run evaluates. Restores always use an abstract target that
-carries shardings, so a run can resume on a different device count.
+A checkpoint step holds two Orbax items: `state` (the TrainState pytree:
+params, optimizer states, BN/SN statistics, EMA, queue, RNG key, step) and
+`data` (each process's grain iterator state, one JSON file per process, written
+by grain's own Orbax handler), so both are garbage-collected together.
+Latest-N checkpoints are kept, plus the best-N by an evaluation metric.
+Restores always use an abstract target that carries shardings, so a run can
+resume on a different device count. A step that cannot be read (truncated or
+deleted files, a missing data item) is moved aside and the previous one is
+used. Paths go through epath, so a workdir may be a bucket.
 """
-import json
-import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
+import grain.checkpoint as grain_ckpt
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from nda_jax import workdir as workdir_lib
 
 PyTree = Any
 
 _STATE = "state"
-_CHECKPOINT_DIR = "checkpoints"
-_DATA_DIR = "data_state"
+_DATA = "data"
+CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+class DamagedCheckpointError(RuntimeError):
+  """No readable checkpoint is left in a workdir that has some."""
+
+
+class _DataSnapshot:
+  """The iterator state taken when `save` is called (an async save writes it later)."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
 
 
 class Checkpointer:
-  """Saves and restores (TrainState, data state) pairs in `workdir/checkpoints`."""
+  """Saves and restores (TrainState, data state) steps in `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: int = 0,
                best_metric: str = "fid", best_mode: str = "min", async_save: bool = True):
     if best_mode not in ("min", "max"):
       raise ValueError(f"checkpoint.best_mode={best_mode!r}; valid choices: ('min', 'max')")
+    if keep < 1:
+      raise ValueError(f"checkpoint.keep={keep}: keep at least 1 checkpoint")
     self.workdir = workdir
+    self.directory = workdir_lib.path(workdir) / CHECKPOINT_DIR
     self.best_metric = best_metric
     self.best_mode = best_mode
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -40,16 +63,17 @@ class Checkpointer:
           get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "min"), n=keep_best,
           keep_checkpoints_without_metrics=False))
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, _CHECKPOINT_DIR)),
+        self.directory,
         options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=async_save, create=False,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)))
 
+  # ------------------------------------------------------------------ steps
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
     """The kept step with the best recorded metric (None when none has one)."""
@@ -66,41 +90,110 @@ class Checkpointer:
     """'latest', 'best' or a step number -> an existing step, with a clear error."""
     steps = self.all_steps()
     if not steps:
-      raise FileNotFoundError(f"no checkpoint in {os.path.join(self.workdir, _CHECKPOINT_DIR)}")
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
     if which == "latest":
-      return self.latest_step()
+      return steps[-1]
     if which == "best":
       step = self.best_step()
       if step is None:
         raise ValueError(f"no checkpoint in {self.workdir} has a {self.best_metric!r} metric; "
                          f"use 'latest' or one of the steps {steps}")
       return step
-    step = int(which)
+    try:
+      step = int(which)
+    except ValueError:
+      raise ValueError(f"checkpoint {which!r}: use 'latest', 'best' or a step number") from None
     if step not in steps:
       raise ValueError(f"checkpoint step {step} not in {self.workdir}; kept steps: {steps}")
     return step
 
-  def save(self, step: int, state: PyTree, data_state: Any = None,
+  # ------------------------------------------------------------------ save / restore
+  def save(self, step: int, state: PyTree, data_state: bytes | None = None,
            metrics: dict[str, float] | None = None, force: bool = False) -> None:
+    """Saves `state` and, for training checkpoints, the iterator position `data_state`."""
+    items = {_STATE: ocp.args.StandardSave(state)}
     if data_state is not None:
-      path = self._data_state_path(step, jax.process_index())
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "w") as f:
-        json.dump(data_state, f)
-      os.replace(path + ".tmp", path)
-    self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state)}),
-                       metrics=metrics, force=force)
+      items[_DATA] = grain_ckpt.CheckpointSave(_DataSnapshot(data_state))
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
-  def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, Any]:
-    """Restores into `abstract_state` (ShapeDtypeStructs with shardings)."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
-    data_state = None
-    path = self._data_state_path(step, jax.process_index())
-    if os.path.exists(path):
-      with open(path) as f:
-        data_state = json.load(f)
-    return restored[_STATE], data_state
+  def has_data_item(self, step: int) -> bool:
+    return (self.directory / str(step) / _DATA).exists()
+
+  def restore(self, step: int, abstract_state: PyTree,
+              data_iterator: Any = None) -> tuple[PyTree, str]:
+    """Restores into `abstract_state` (ShapeDtypeStructs with shardings).
+
+    With `data_iterator` (anything with get_state/set_state/start_prefetch),
+    also sets its position. Returns (state, how the data position was set):
+    'restored'; 'start' for a step-0 checkpoint without one (imported
+    weights: the pipeline starts from the beginning); 'other_process_count'
+    when the run was saved by a different number of processes (the position
+    cannot be carried over). A training checkpoint without its data item is
+    damaged (ValueError), never a silently inexact resume.
+    """
+    items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+    data = "restored"
+    if data_iterator is not None:
+      data_dir = self.directory / str(step) / _DATA
+      if not data_dir.exists():
+        if step != 0:
+          raise ValueError(f"checkpoint {step} has no input-pipeline state")
+        data = "start"
+      elif not (data_dir / _process_file()).exists():
+        data = "other_process_count"
+      else:
+        items[_DATA] = grain_ckpt.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[_STATE], data
+
+  def restore_latest(self, abstract_state: PyTree,
+                     data_iterator: Any = None) -> tuple[int, PyTree, str] | None:
+    """The newest readable step: damaged ones are moved aside with a warning.
+
+    Every process tries the same steps in the same order and all agree on
+    which step was read (a failure on any process counts as damage).
+    """
+    while True:
+      step = self.latest_step()
+      if step is None:
+        damaged = workdir_lib.path(self.workdir) / DAMAGED_DIR
+        if damaged.exists() and any(damaged.iterdir()):
+          raise DamagedCheckpointError(
+              f"no readable checkpoint left in {self.directory}: the damaged ones were moved "
+              f"to {damaged}. Delete the workdir to start over, or restore a good copy.")
+        return None
+      error = None
+      try:
+        state, data = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except  (any read error = damage)
+        error = f"{type(e).__name__}: {str(e)[:500]}"
+      ok = _all_processes_agree(error is None)
+      if ok:
+        return step, state, data
+      logging.warning("checkpoint %d in %s cannot be read (%s); moving it to %s and using "
+                      "the previous one", step, self.directory, error or "on another process",
+                      DAMAGED_DIR)
+      self._move_aside(step)
+
+  def _move_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      target = workdir_lib.path(self.workdir) / DAMAGED_DIR
+      target.mkdir(parents=True, exist_ok=True)
+      destination = target / str(step)
+      suffix = 0
+      while destination.exists():
+        suffix += 1
+        destination = target / f"{step}.{suffix}"
+      (self.directory / str(step)).rename(destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"nda_jax_move_aside_{step}")
+    self._manager.reload()
+
+  # ------------------------------------------------------------------ lifecycle
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any was told to stop (Orbax's multi-host agreement)."""
+    return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -109,8 +202,17 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def _data_state_path(self, step: int, process: int) -> str:
-    return os.path.join(self.workdir, _DATA_DIR, f"{step}.process{process}.json")
+
+def _process_file() -> str:
+  """grain's per-process file name inside the data item."""
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  votes = multihost_utils.process_allgather(jax.numpy.asarray(int(ok)))
+  return bool(votes.min())
 
 
 def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
@@ -118,29 +220,40 @@ def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-class PreemptionGuard:
-  """Turns SIGTERM (preemption, `kill`) into a flag the training loop polls.
+class StopSignals:
+  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a flag the loop polls.
 
-  The loop finishes the iteration in flight, saves a checkpoint and exits 0, so
-  nothing is lost; a second SIGTERM is left to the default handler.
+  The loop finishes the step in flight, saves a checkpoint and exits: 0 after
+  SIGTERM, 130 after SIGINT (the shell's convention). A second SIGINT aborts at
+  once (KeyboardInterrupt), for a user who does not want to wait for the save.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
-    self._previous = {}
+    self.signal: int | None = None
+    self._previous: dict[int, Callable] = {}
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("signal %d received: checkpointing after this iteration", signum)
+    if self._event.is_set() and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("signal %d received: checkpointing after this step (Ctrl-C again to "
+                    "abort without saving)", signum)
+    self.signal = self.signal or signum
     self._event.set()
-    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    if signum != signal.SIGINT:
+      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
   @property
   def requested(self) -> bool:
     return self._event.is_set()
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.signal == signal.SIGINT else 0
 
   def restore_handlers(self) -> None:
     for sig, handler in self._previous.items():

@@ -12,7 +12,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from nda_jax import config_lib
+from nda_jax import trainers
 from nda_jax import visualize
 from nda_jax.trainers import gan
 
@@ -48,11 +48,17 @@ def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_pa
 def main(argv):
   del argv
   out = _OUT.value
-  if not out.endswith((".npz", ".png")):
-    raise app.UsageError(f"--out={out}: use a .npz or .png file name")
-  config = config_lib.load_config(_WORKDIR.value)
-  state = gan.load_state(config, _WORKDIR.value, _CHECKPOINT.value)
-  z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value)
+  try:
+    if not out.endswith((".npz", ".png")):
+      raise ValueError(f"--out={out}: use a .npz or .png file name")
+    if _NUM.value <= 0 or _BATCH.value <= 0:
+      raise ValueError(f"--num={_NUM.value} and --batch_size={_BATCH.value} must be positive")
+    config, method, state = trainers.load_run(_WORKDIR.value, _CHECKPOINT.value)
+    if not isinstance(method, gan.GAN):
+      raise ValueError(f"{_WORKDIR.value} is a {config.trainer!r} run; sampling needs a GAN")
+    z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"nda_jax.sample: error: {e}") from None
   images = gan.sample_in_batches(gan.make_sampler(config, ema=_EMA.value), state, z, y,
                                  _BATCH.value)
   if out.endswith(".npz"):

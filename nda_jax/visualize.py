@@ -1,6 +1,5 @@
 """Image grids for sample sheets (PNG), shared by trainers and tools."""
-import os
-
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -23,7 +22,7 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 1) -> np.ndarray:
   return grid
 
 
-def save_grid(path: str, images: np.ndarray, ncol: int, scale: int = 1) -> None:
+def save_grid(path: str | epath.Path, images: np.ndarray, ncol: int, scale: int = 1) -> None:
   """Saves [-1, 1] float or uint8 images as one PNG grid (upscaled by `scale`)."""
   if images.dtype != np.uint8:
     images = to_uint8(images)
@@ -33,5 +32,7 @@ def save_grid(path: str, images: np.ndarray, ncol: int, scale: int = 1) -> None:
   img = Image.fromarray(grid)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+  path = epath.Path(path)   # Local or a bucket (gs://): never os.path on a workdir.
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    img.save(f, format="PNG")

@@ -94,6 +94,12 @@ class TrainIterator(Iterator[Batch]):
     """Continues exactly after the batch at which `state` was taken."""
     self._iter.set_state(json.loads(state))
 
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore."""
+    start = getattr(self._iter, "start_prefetch", None)
+    if start is not None:
+      start()
+
   def close(self) -> None:
     """Stops the prefetch threads or worker processes."""
     self._iter.close()

@@ -159,16 +159,39 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
 
 
+def gan_state(config, generator_vars: Variables, discriminator_vars: Variables,
+              ema_generator_vars: Variables | None = None):
+  """A step-0 GAN TrainState holding the imported weights; optimizer states start fresh."""
+  from nda_jax.importers import save  # pylint: disable=g-import-not-at-top
+  from nda_jax.trainers import gan  # pylint: disable=g-import-not-at-top
+  method = gan.GAN(config)
+  state = method.init_state(jax.random.PRNGKey(config.seed))
+  ema = ema_generator_vars or generator_vars
+  return state.replace(
+      g_params=save.check_like(generator_vars["params"], state.g_params, "G params"),
+      g_stats=save.check_like(generator_vars["batch_stats"], state.g_stats, "G batch_stats"),
+      d_params=save.check_like(discriminator_vars["params"], state.d_params, "D params"),
+      d_stats=save.check_like(discriminator_vars["batch_stats"], state.d_stats,
+                              "D batch_stats"),
+      ema_params=save.check_like(ema["params"], state.ema_params, "G_ema params"),
+      ema_stats=save.check_like(ema["batch_stats"], state.ema_stats, "G_ema batch_stats"))
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from nda_jax.importers import save  # pylint: disable=g-import-not-at-top
   from nda_jax.trainers import gan  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  generator, discriminator = gan.build_models(f.config, axis_name=None)
-  g_vars = convert_generator(load_state_dict(f.G), generator)
-  ema_vars = convert_generator(load_state_dict(f.G_ema), generator) if f.G_ema else g_vars
-  d_vars = convert_discriminator(load_state_dict(f.D), discriminator)
-  gan.save_imported(f.workdir, f.config, g_vars, d_vars, ema_vars)
+  try:
+    generator, discriminator = gan.build_models(f.config, axis_name=None)
+    g_vars = convert_generator(load_state_dict(f.G), generator)
+    ema_vars = convert_generator(load_state_dict(f.G_ema), generator) if f.G_ema else g_vars
+    d_vars = convert_discriminator(load_state_dict(f.D), discriminator)
+    save.save_imported(f.workdir, f.config, gan_state(f.config, g_vars, d_vars, ema_vars))
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"nda_jax.importers.biggan_pytorch: error: {e}") from None
+  print(f"wrote a step-0 checkpoint and config.json to {f.workdir}")
 
 
 if __name__ == "__main__":

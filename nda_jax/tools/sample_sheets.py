@@ -14,7 +14,6 @@ Samples come from G_ema unless --noema. With config.model.sample_bn='batch'
 (the official protocol) G normalises with each call's batch statistics.
 """
 import math
-import os
 
 from absl import app
 from absl import flags
@@ -22,8 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from nda_jax import config_lib
+from nda_jax import trainers
 from nda_jax import visualize
+from nda_jax import workdir as workdir_lib
 from nda_jax.trainers import gan
 
 INTERPOLATIONS = ("linear", "slerp")
@@ -82,15 +82,14 @@ def write_sheets(config: ml_collections.ConfigDict, state: gan.GANState, out_dir
                  batch_size: int | None = None, scale: int | None = None) -> dict[str, list[str]]:
   """Samples and writes every sheet; returns {'grid'|'classes'|'interpolations': [paths]}."""
   sample = gan.make_sampler(config, ema=ema)
-  batch_size = batch_size or config.eval.sample_batch_size
+  batch_size = batch_size or config.train.batch_size
   scale = scale or config.sample.scale
   n_classes, dim_z = gan.num_classes(config), config.model.dim_z
-  os.makedirs(out_dir, exist_ok=True)
   written: dict[str, list[str]] = {"grid": [], "classes": [], "interpolations": []}
 
   def save(kind, name, z, y, ncol, batch):
     images = gan.sample_in_batches(sample, state, np.asarray(z), np.asarray(y, np.int32), batch)
-    path = os.path.join(out_dir, name)
+    path = str(workdir_lib.path(out_dir) / name)
     visualize.save_grid(path, images, ncol=ncol, scale=scale)
     written[kind].append(path)
 
@@ -119,7 +118,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("interp_mode", "slerp", INTERPOLATIONS, "Latent interpolation.")
   flags.DEFINE_integer("seed", 0, "Seed of the class-sheet and interpolation latents.")
   flags.DEFINE_integer("batch_size", None, "Samples per G call (default "
-                       "config.eval.sample_batch_size).")
+                       "config.train.batch_size, the official protocol).")
   flags.DEFINE_integer("scale", None, "PNG upscaling (default config.sample.scale).")
 
 
@@ -128,11 +127,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    config = config_lib.load_config(f.workdir)
-    state = gan.load_state(config, f.workdir, f.checkpoint)
+    config, _, state = trainers.load_run(f.workdir, f.checkpoint)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"nda_jax.tools.sample_sheets: error: {e}") from None
-  out_dir = f.out_dir or os.path.join(f.workdir, "sheets")
+  out_dir = f.out_dir or str(workdir_lib.path(f.workdir) / "sheets")
   written = write_sheets(config, state, out_dir, ema=f.ema, per_class=f.per_class,
                          interp_rows=f.interp_rows, interp_steps=f.interp_steps,
                          interp_mode=f.interp_mode, seed=f.seed, batch_size=f.batch_size,

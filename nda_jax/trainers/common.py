@@ -1,52 +1,64 @@
-"""What every trainer shares: the metrics writer, the progress line, the NaN guard."""
+"""What every trainer shares: the metrics writer and the progress line."""
 import json
-import math
-import os
 import time
 from typing import Mapping
 
-from absl import logging
 import jax
+
+from nda_jax import workdir as workdir_lib
 
 
 class MetricWriter:
   """JSON-lines log plus TensorBoard event files (tensorboardX: no TensorFlow needed).
 
-  Only process 0 writes; every process may call it.
+  Only process 0 writes; every process may call it. TensorBoard events go to
+  local disk through tensorboardX; for a bucket workdir they are written by
+  tensorboardX's own gs:// support when available, else skipped with a warning.
   """
 
   def __init__(self, workdir: str):
     self._active = jax.process_index() == 0
-    self._jsonl = None
+    self._path = workdir_lib.path(workdir) / "metrics.jsonl"
     self._tb = None
     if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._path.parent.mkdir(parents=True, exist_ok=True)
       from tensorboardX import SummaryWriter  # Imported here: heavy, and only process 0 writes.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(workdir_lib.path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    with self._path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), int(step))
 
   def close(self) -> None:
     if self._active:
-      self._jsonl.close()
       self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records a run wrote to `workdir/metrics.jsonl` (for plots and tests)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = workdir_lib.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a run?")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+  """'1m48s', '3h12m', '45s': what a person reads at a glance."""
+  if seconds != seconds or seconds == float("inf"):
+    return "?"
+  seconds = int(round(max(seconds, 0.0)))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
 
 
 class Progress:
@@ -65,32 +77,11 @@ class Progress:
     self._t, self._step = now, step
     return {"img_per_sec": self.examples_per_step / sec_per_step,
             "sec_per_step": sec_per_step,
-            "eta_hours": (self.total_steps - step) * sec_per_step / 3600.0}
+            "eta_sec": (self.total_steps - step) * sec_per_step}
 
   @staticmethod
   def line(step: int, total: int, scalars: Mapping[str, float]) -> str:
-    eta = scalars.get("eta_hours", float("nan"))
     rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
-                    if k not in ("img_per_sec", "eta_hours", "sec_per_step"))
+                    if k not in ("img_per_sec", "eta_sec", "sec_per_step"))
     return (f"step {step}/{total} | {scalars.get('img_per_sec', 0):.1f} img/s | "
-            f"ETA {eta:.2f} h | {rest}")
-
-
-def check_finite(step: int, scalars: Mapping[str, float], workdir: str) -> None:
-  """Stops a diverged run before a non-finite state can be checkpointed."""
-  bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
-  if bad:
-    raise FloatingPointError(
-        f"non-finite metrics {bad} at step {step}; the last good checkpoint in "
-        f"{os.path.join(workdir, 'checkpoints')} is kept (lower the learning rates or "
-        f"check the data)")
-
-
-def log_progress(step: int, total: int, scalars: Mapping[str, float]) -> None:
-  logging.info("%s", Progress.line(step, total, scalars))
-
-
-def block_tree(tree) -> None:
-  """Waits for a step's outputs (CPU multi-device rendezvous workaround)."""
-  jax.block_until_ready(tree)
-
+            f"ETA {format_duration(scalars.get('eta_sec', float('nan')))} | {rest}")

@@ -1,0 +1,86 @@
+"""The interface between a training method (GAN, MoCo, DPC, a probe) and the generic loop.
+
+A method says what is specific to it — its TrainState, its per-device step,
+how a host batch is laid out for that step, the callables its evaluators
+need, and the artifacts it writes now and then. `loop.train_and_evaluate`
+does everything else (data, devices, checkpoints, resume, signals, NaN guard,
+logging and evaluation cadence), once for every method. The split follows
+deepmind-research byol's experiment vs main loop.
+"""
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+
+from nda_jax import parallel
+
+PyTree = Any
+Batch = Mapping[str, Any]
+StepFn = Callable[[PyTree, Batch], tuple[PyTree, dict[str, jax.Array]]]
+
+
+class Method:
+  """Base class: override what differs. The TrainState must have `.step` and `.rng`."""
+
+  # The axis of a host batch that is split over devices (the GAN's batches are
+  # [num_d_steps, B, ...]: axis 1).
+  batch_axis: int = 0
+
+  def __init__(self, config: ml_collections.ConfigDict, num_train_examples: int | None = None):
+    """`num_train_examples` sizes epoch-based schedules; None where only the state's
+    structure matters (loading a checkpoint for inference). The loop sets it once
+    the training data is open, before it builds the state or the step."""
+    self.config = config
+    self.num_train_examples = num_train_examples
+
+  # ------------------------------------------------------------------ sizes
+  @property
+  def examples_per_step(self) -> int:
+    """Training examples (over all devices and hosts) one step consumes."""
+    return int(self.config.train.batch_size)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    if not self.num_train_examples:
+      return 1
+    return max(self.num_train_examples // self.examples_per_step, 1)
+
+  @property
+  def total_steps(self) -> int:
+    """config.train.total_steps, or num_epochs of the training split."""
+    if self.config.train.total_steps:
+      return int(self.config.train.total_steps)
+    return int(self.config.train.num_epochs * self.steps_per_epoch)
+
+  def validate(self, num_devices: int) -> None:
+    """Raises ValueError for a config this method cannot run, before any work."""
+    if self.config.train.batch_size % num_devices:
+      raise ValueError(f"config.train.batch_size={self.config.train.batch_size} must be "
+                       f"divisible by the {num_devices} devices")
+
+  # ------------------------------------------------------------------ training
+  def init_state(self, rng: jax.Array) -> PyTree:
+    raise NotImplementedError
+
+  def layout(self, host_batch: Batch) -> Batch:
+    """This process's host batch -> the arrays the step takes (uint8 images stay uint8)."""
+    return {k: host_batch[k] for k in ("image", "label") if k in host_batch}
+
+  def make_step(self) -> StepFn:
+    """The per-device step (state, batch) -> (state, metrics), with named-axis collectives
+    over `parallel.AXIS`; metrics are scalars already averaged over devices."""
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ evaluation
+  def make_eval_fns(self, dp: parallel.DataParallel) -> dict[str, Callable[..., Any]]:
+    """Callables evaluators may require, each `fn(state, ...)`, built (and jitted) once per run:
+    'sample_fn' (rng, n), 'score_fn' (images, labels), 'embed_fn' (uint8 images)."""
+    del dp
+    return {}
+
+  artifact_every: int = 0   # steps between `artifacts` calls (and at the end); 0: never
+
+  def artifacts(self, state: PyTree, workdir: str, step: int) -> None:
+    """Periodic outputs other than metrics (the GAN's sample sheet). Called on every
+    process (computations on global arrays need all of them); only process 0 writes."""
+    del state, workdir, step

@@ -1,0 +1,13 @@
+"""A run's workdir as an `etils.epath` path: local folders and buckets (gs://) alike.
+
+Every read or write under a workdir goes through this, so a TPU VM job can
+write to a bucket (gs:// needs the `epath-gcs` extra). A bucket path is never
+turned into a local one; local paths are made absolute (Orbax requires it).
+"""
+from etils import epath
+
+
+def path(workdir: "str | epath.Path") -> epath.Path:
+  if "://" in str(workdir):
+    return epath.Path(workdir)
+  return epath.Path(workdir).absolute()
