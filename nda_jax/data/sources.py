@@ -1,7 +1,8 @@
 """Random-access data sources, selected by name from the `data` config.
 
 Every source has `__len__`, `__getitem__(i) -> {'image': uint8 HWC (video
-THWC), 'label': int32}`, `num_classes`, `element_shape` and a `__repr__`
+THWC), 'label': int32, ...}` (some add int32 keys: moving_digits 'digit' and
+'direction', ucf101/hmdb51 'video'), `num_classes`, `element_shape` and a `__repr__`
 that does not depend on paths or memory addresses: grain checks it when an
 iterator state is restored, so a run can resume from a moved copy of the data.
 Nothing is downloaded; missing or malformed data raises an error naming the
@@ -9,17 +10,26 @@ path and how to prepare it.
 
 Config keys read by `make_source(cfg, split)` (others are ignored):
   name          one of SOURCES.
-  data_dir      cifar10/cifar100/image_folder: required; tfds: optional.
-  image_size    digits/moving_digits (default 32), image_folder (required),
-                tfds (optional: resize + center crop when the stored size differs).
-  resize_size   image_folder/tfds: shorter side before the crop (default image_size).
+  data_dir      cifar10/cifar100/image_folder/ucf101/hmdb51: required (ucf101,
+                hmdb51: the frame folder); tfds: optional.
+  image_size    digits/moving_digits (default 32), image_folder/ucf101/hmdb51
+                (required), tfds (optional: resize + center crop when the
+                stored size differs).
+  resize_size   image_folder/tfds/ucf101/hmdb51: shorter side before the crop
+                (default image_size).
   label_key     cifar100: 'fine_labels' (default) or 'coarse_labels';
-                tfds: feature name of the label (default 'label').
+                tfds: feature name of the label (default 'label');
+                moving_digits: 'digit' (default) or 'direction' (digits.DIRECTIONS).
   image_key     tfds: feature name of the image (default 'image').
   tfds_name     tfds: dataset name, optionally 'name:version' or 'name/config'.
   num_classes   tfds: used only when the label is not a ClassLabel feature.
   class_list    image_folder: optional file of class folder names (ImageNet-100).
-  num_frames, digit_size   moving_digits (defaults 8 and 16).
+  num_frames    moving_digits (default 8); ucf101/hmdb51: frames per clip (required).
+  digit_size    moving_digits (default 16).
+  frame_stride, split_number, splits_dir, clips_per_video, clip_seed
+                ucf101/hmdb51 (defaults 1, 1, 'splits' next to data_dir, 1, 0):
+                see video_frames.py, which also defines their split names
+                ('train', 'test', 'train:dense', 'test:random').
 """
 from collections.abc import Callable
 import os
@@ -32,6 +42,7 @@ from PIL import Image
 from nda_jax.data import cifar
 from nda_jax.data import digits
 from nda_jax.data import image_folder
+from nda_jax.data import video_frames
 
 Example = dict[str, Any]
 
@@ -40,12 +51,16 @@ class ArraySource:
   """In-memory uint8 images [N, ...] with int32 labels [N]."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
-               desc: str):
-    if images.dtype != np.uint8 or len(images) != len(labels):
+               desc: str, extra: dict[str, np.ndarray] | None = None):
+    """`extra`: further int32 [N] per-example values, added to each example."""
+    extra = extra or {}
+    lengths = {"label": len(labels), **{k: len(v) for k, v in extra.items()}}
+    if images.dtype != np.uint8 or set(lengths.values()) != {len(images)}:
       raise ValueError(f"{desc}: need uint8 images and one label per image, got "
-                       f"{images.dtype} {images.shape} and {labels.shape}.")
+                       f"{images.dtype} {images.shape} and lengths {lengths}.")
     self._images = images
     self._labels = labels.astype(np.int32, copy=False)
+    self._extra = {k: v.astype(np.int32, copy=False) for k, v in extra.items()}
     self.num_classes = num_classes
     self.element_shape = images.shape[1:]
     self._desc = desc
@@ -54,7 +69,8 @@ class ArraySource:
     return len(self._labels)
 
   def __getitem__(self, index: int) -> Example:
-    return {"image": self._images[index], "label": self._labels[index]}
+    return {"image": self._images[index], "label": self._labels[index],
+            **{k: v[index] for k, v in self._extra.items()}}
 
   def __repr__(self) -> str:
     return f"ArraySource({self._desc}, n={len(self)})"
@@ -165,12 +181,21 @@ def _digits(cfg, split):
 
 
 def _moving_digits(cfg, split):
+  """Labelled by digit or by motion direction; both go along as 'digit' and 'direction'."""
   args = dict(num_frames=cfg.get("num_frames", 8), size=cfg.get("image_size", 32),
               digit_size=cfg.get("digit_size", 16))
+  label_key = cfg.get("label_key") or "digit"
+  num_classes = {"digit": digits.NUM_CLASSES, "direction": len(digits.DIRECTIONS)}
+  if label_key not in num_classes:
+    raise ValueError(f"moving_digits label_key must be one of {sorted(num_classes)}, "
+                     f"got {label_key!r}.")
   clips, labels = digits.load_moving_digits(split, **args)
+  extra = {"digit": labels}
+  if args["num_frames"] > 1 or label_key == "direction":  # a single frame has no motion
+    extra["direction"] = digits.load_moving_digit_directions(split, **args)
   desc = ", ".join(f"{k}={v}" for k, v in args.items())
-  return ArraySource(clips, labels, digits.NUM_CLASSES,
-                     f"moving_digits, split={split}, {desc}")
+  return ArraySource(clips, extra[label_key], num_classes[label_key],
+                     f"moving_digits, split={split}, {desc}, label={label_key}", extra)
 
 
 def _cifar(name):
@@ -201,7 +226,18 @@ def _image_folder(cfg, split):
       resize_size=cfg.get("resize_size"), class_list=cfg.get("class_list"))
 
 
-Source = ArraySource | ImageFolderSource | TfdsSource
+def _video_frames(name):
+  def factory(cfg, split):
+    return video_frames.VideoFramesSource(
+        name, _required(cfg, "data_dir"), split,
+        num_frames=_required(cfg, "num_frames"), image_size=_required(cfg, "image_size"),
+        frame_stride=cfg.get("frame_stride", 1), split_number=cfg.get("split_number", 1),
+        splits_dir=cfg.get("splits_dir"), resize_size=cfg.get("resize_size"),
+        clips_per_video=cfg.get("clips_per_video", 1), clip_seed=cfg.get("clip_seed", 0))
+  return factory
+
+
+Source = ArraySource | ImageFolderSource | TfdsSource | video_frames.VideoFramesSource
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], Source]] = {
     "digits": _digits,
     "moving_digits": _moving_digits,
@@ -209,6 +245,8 @@ SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], Source]] = {
     "cifar100": _cifar("cifar100"),
     "tfds": _tfds,
     "image_folder": _image_folder,
+    "ucf101": _video_frames("ucf101"),
+    "hmdb51": _video_frames("hmdb51"),
 }
 
 
