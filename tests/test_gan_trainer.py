@@ -1,10 +1,8 @@
-"""The NDA-GAN trainer: device-count invariance, shard_map == pmap, exact resume, SIGTERM."""
+"""The NDA-GAN method: device-count invariance, shard_map == pmap, exact resume through the loop."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,10 @@ import pytest
 
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import parallel
+from nda_jax import trainers
+from nda_jax.trainers import common
 from nda_jax.trainers import gan
+from nda_jax.trainers import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,8 +38,9 @@ def tiny_config(**overrides):
 def run_iterations(config, num: int, kind="shard_map", max_devices=0):
   """`num` iterations on a fixed host batch stream; returns the canonical state."""
   dp = parallel.DataParallel(kind, max_devices)
-  state = dp.put_state(gan.init_state(config, jax.random.PRNGKey(0)))
-  step = dp.step(gan.make_iteration(config), batch_axis=1)
+  method = gan.GAN(config)
+  state = dp.put_state(method.init_state(jax.random.PRNGKey(0)))
+  step = dp.step(method.make_step(), batch_axis=1)
   rng = np.random.RandomState(0)
   b, nd, s = config.train.batch_size, config.train.num_d_steps, config.data.image_size
   for _ in range(num):
@@ -110,11 +112,11 @@ def test_unrolled_d_steps_equal_the_loop():
   config = tiny_config()
   looped_config = tiny_config(**{"train.d_steps_lowering": "loop"})
   assert config.train.d_steps_lowering == "auto" and gan.unroll_d_steps(config)   # on CPU
-  state = gan.init_state(config, jax.random.PRNGKey(0))
+  state = gan.GAN(config).init_state(jax.random.PRNGKey(0))
   nd, b, s = config.train.num_d_steps, config.train.batch_size, config.data.image_size
   batch = {"image": np.zeros((nd, b, s, s, 3), np.uint8), "label": np.zeros((nd, b), np.int32)}
   for c, unroll in ((config, nd), (looped_config, 1)):
-    jaxpr = jax.make_jaxpr(gan.make_iteration(c), axis_env=[(parallel.AXIS, 1)])(state, batch)
+    jaxpr = jax.make_jaxpr(gan.GAN(c).make_step(), axis_env=[(parallel.AXIS, 1)])(state, batch)
     d_steps = [e for e in jaxpr.eqns if e.primitive.name == "scan"][0]   # the first one
     assert d_steps.params["length"] == nd and d_steps.params["unroll"] == unroll
   unrolled, unrolled_metrics = run_iterations(config, 2, max_devices=1)
@@ -125,7 +127,7 @@ def test_unrolled_d_steps_equal_the_loop():
 
 def test_iteration_updates_and_reports(eight_device_run):
   state, metrics = eight_device_run
-  fresh = gan.init_state(tiny_config(), jax.random.PRNGKey(0))
+  fresh = gan.GAN(tiny_config()).init_state(jax.random.PRNGKey(0))
   assert int(state.step) == 1
   for name in ("g_params", "d_params"):
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(getattr(state, name)),
@@ -143,7 +145,7 @@ def test_iteration_updates_and_reports(eight_device_run):
 def test_ema_after_start_is_the_decayed_average():
   config = tiny_config(**{"train.ema_start": 0, "train.ema_decay": 0.5})
   one, _ = run_iterations(config, 1)
-  fresh = gan.init_state(config, jax.random.PRNGKey(0))
+  fresh = gan.GAN(config).init_state(jax.random.PRNGKey(0))
   expected = jax.tree.map(lambda e, g: 0.5 * e + 0.5 * g, fresh.ema_params, one.g_params)
   for a, b in zip(jax.tree.leaves(one.ema_params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -165,14 +167,16 @@ def _leaves(state):
 
 def test_resume_is_exact(tmp_path):
   """4 iterations straight == 2 iterations, restart from the checkpoint, 2 more."""
-  straight = tiny_config(**{"train.total_steps": 4})
-  gan.train_and_evaluate(straight, str(tmp_path / "straight"))
+  straight = tiny_config(**{"train.total_steps": 4, "sample.every": 0})
+  loop.train_and_evaluate(straight, str(tmp_path / "straight"))
   split_dir = str(tmp_path / "split")
-  gan.train_and_evaluate(tiny_config(**{"train.total_steps": 2}), split_dir)
+  loop.train_and_evaluate(tiny_config(**{"train.total_steps": 2, "sample.every": 0}), split_dir)
   assert ckpt_lib.Checkpointer(split_dir).latest_step() == 2
-  gan.train_and_evaluate(tiny_config(**{"train.total_steps": 4}), split_dir)
-  a = gan.load_state(straight, str(tmp_path / "straight"))
-  b = gan.load_state(straight, split_dir)
+  loop.train_and_evaluate(straight, split_dir)
+  # The second run started at step 3 (it resumed), logging every step.
+  assert [r["step"] for r in common.read_metrics(split_dir)] == [1, 2, 3, 4]
+  a = trainers.load_run(str(tmp_path / "straight"), config=straight)[2]
+  b = trainers.load_run(split_dir, config=straight)[2]
   assert int(a.step) == int(b.step) == 4
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -196,34 +200,6 @@ def test_main_writes_checkpoint_metrics_samples_and_config(tmp_path):
   assert "img/s" in proc.stderr and "ETA" in proc.stderr
 
 
-def test_sigterm_checkpoints_and_resumes(tmp_path):
-  workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo.py:tiny",
-         f"--workdir={workdir}", "--config.train.total_steps=100000",
-         "--config.checkpoint.every=100000", "--config.sample.every=0"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=REPO)
-  lines = []
-  deadline = time.time() + 300
-  while time.time() < deadline:     # Wait until training is under way.
-    line = proc.stdout.readline()
-    lines.append(line)
-    if "step 3/" in line:
-      break
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, "".join(lines) + out[-3000:]
-  saved = ckpt_lib.Checkpointer(str(workdir)).latest_step()
-  assert saved is not None and saved >= 3, "".join(lines[-5:]) + out[-3000:]
-  # The run resumes from it: two more iterations after the saved step.
-  cmd[5] = f"--config.train.total_steps={saved + 2}"
-  resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from step {saved}" in resumed.stderr
-  assert ckpt_lib.Checkpointer(str(workdir)).latest_step() == saved + 2
-
-
 @pytest.mark.parametrize("override, message", [
     ("--config.nda.name=jigsawz", "jigsaw"),
     ("--config.nda_typo=1", "nda_typo"),
@@ -239,6 +215,6 @@ def test_bad_config_gives_a_clear_error(tmp_path, override, message):
 
 
 def test_bad_config_variant_names_the_choices():
-  from nda_jax import config_lib
+  from configs import common as configs_common
   with pytest.raises(ValueError, match="baseline"):
-    config_lib.parse_variants("cond,bogus", ("cond", "baseline"))
+    configs_common.parse_variants("cond,bogus", ("cond", "baseline"))

@@ -1,0 +1,187 @@
+"""The generic loop with a method that knows nothing of GANs (tests/toy_method.py).
+
+Checkpoints, exact resume (and that it did resume), SIGTERM / SIGINT at seeded
+steps, the on-device NaN guard, damaged checkpoints, evaluator cadence.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import toy_method
+from nda_jax import checkpoint as ckpt_lib
+from nda_jax import evaluators
+from nda_jax import trainers
+from nda_jax.trainers import common
+from nda_jax.trainers import loop
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+trainers.REGISTRY["toy"] = "toy_method:Toy"
+
+
+def config(**overrides):
+  c = toy_method.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def leaves(workdir, c):
+  state = trainers.load_run(str(workdir), config=c)[2]
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def assert_same_state(a_dir, b_dir, c):
+  a, b = leaves(a_dir, c), leaves(b_dir, c)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """6 uninterrupted steps: the reference every interrupted run must reproduce."""
+  workdir = tmp_path_factory.mktemp("straight")
+  loop.train_and_evaluate(config(), str(workdir))
+  return workdir
+
+
+def test_resume_is_exact_and_visible(straight_run, tmp_path):
+  loop.train_and_evaluate(config(**{"train.total_steps": 2}), str(tmp_path))
+  assert trainers.checkpointer(config(), str(tmp_path)).latest_step() == 2
+  loop.train_and_evaluate(config(), str(tmp_path))
+  # One record per step: the second run started at step 3, it did not start over.
+  assert [r["step"] for r in common.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+  assert_same_state(straight_run, tmp_path, config())
+
+
+def test_the_loop_trains(straight_run):
+  records = common.read_metrics(str(straight_run))
+  assert records[-1]["loss"] < records[0]["loss"]
+  assert all(r["img_per_sec"] > 0 for r in records)
+
+
+def _run_main(workdir, *flags, env_devices=2, wait_for=None, send=None, timeout=240):
+  """tests/toy_main.py (nda_jax.main with the toy method) in a subprocess.
+
+  With `wait_for`, sends signal `send` once a progress line with that step is printed.
+  """
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}")
+  cmd = [sys.executable, os.path.join(TESTS, "toy_main.py"), f"--workdir={workdir}", *flags]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=REPO)
+  lines = []
+  try:
+    if wait_for is not None:
+      for line in proc.stdout:
+        lines.append(line)
+        if f"step {wait_for}/" in line:
+          proc.send_signal(send)
+          break
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return proc.returncode, "".join(lines) + out
+
+
+def test_signals_at_seeded_steps_resume_bit_for_bit(tmp_path):
+  """Stopped by SIGTERM, then by SIGINT, at seeded steps; resumed each time; the end
+  state equals an uninterrupted run's."""
+  total = 40
+  flags = [f"--config.train.total_steps={total}", "--config.checkpoint.every=1000"]
+  straight = tmp_path / "straight"
+  rc, out = _run_main(straight, *flags)
+  assert rc == 0, out[-3000:]
+  first, second = sorted(np.random.RandomState(0).choice(np.arange(3, 30), 2, replace=False))
+  run = tmp_path / "run"
+  rc, out = _run_main(run, *flags, wait_for=first, send=signal.SIGTERM)
+  assert rc == 0, out[-3000:]
+  stopped = trainers.checkpointer(config(), str(run)).latest_step()
+  assert first <= stopped < total, out[-3000:]
+  rc, out = _run_main(run, *flags, wait_for=max(second, stopped + 1), send=signal.SIGINT)
+  assert rc == 130, out[-3000:]
+  assert f"resumed from step {stopped}" in out
+  stopped_again = trainers.checkpointer(config(), str(run)).latest_step()
+  assert stopped < stopped_again < total
+  rc, out = _run_main(run, *flags)
+  assert rc == 0 and f"resumed from step {stopped_again}" in out, out[-3000:]
+  assert_same_state(straight, run, config(**{"train.total_steps": total}))
+
+
+def test_nan_stops_the_run_before_a_bad_checkpoint(tmp_path):
+  """The NaN is injected through the learning rate (1e38 overflows float32 by step 2)."""
+  c = config(**{"optim.lr": 1e38, "checkpoint.every": 1, "train.log_every": 4})
+  with pytest.raises(loop.NonFiniteError, match=r"step 2 produced a non-finite") as error:
+    loop.train_and_evaluate(c, str(tmp_path))
+  assert "last good checkpoint" in str(error.value)
+  ckpt = trainers.checkpointer(c, str(tmp_path))
+  assert ckpt.all_steps() == [1]          # Nothing saved from step 2 on.
+  for leaf in leaves(tmp_path, c):
+    assert np.all(np.isfinite(leaf))
+
+
+def _truncate_array_files(step_dir):
+  """Cuts every array data file of a step in half (an interrupted copy, a full disk)."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / "state") for f in fs
+           if os.path.basename(d) == "d"]
+  assert files
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_data_item"])
+def test_damaged_latest_checkpoint_falls_back(straight_run, tmp_path, damage):
+  loop.train_and_evaluate(config(**{"train.total_steps": 4}), str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "4"
+  if damage == "truncate":
+    _truncate_array_files(step_dir)
+  else:
+    import shutil
+    shutil.rmtree(step_dir / "data")
+  loop.train_and_evaluate(config(), str(tmp_path))
+  assert (tmp_path / ckpt_lib.DAMAGED_DIR / "4").exists()
+  steps = [r["step"] for r in common.read_metrics(str(tmp_path))]
+  assert steps == [1, 2, 3, 4, 3, 4, 5, 6]    # Resumed from step 2, the last good one.
+  assert_same_state(straight_run, tmp_path, config())
+
+
+def test_no_good_checkpoint_is_a_clear_error(tmp_path):
+  loop.train_and_evaluate(config(**{"train.total_steps": 2}), str(tmp_path))
+  _truncate_array_files(tmp_path / "checkpoints" / "2")
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match="no readable checkpoint"):
+    loop.train_and_evaluate(config(), str(tmp_path))
+
+
+def test_evaluators_run_at_their_cadence(tmp_path):
+  c = config()
+  c.evals.knn = evaluators.default_config("knn")
+  c.evals.knn.update(every=3, k=5)
+  loop.train_and_evaluate(c, str(tmp_path))
+  evaluated = {r["step"]: r["knn_top1"] for r in common.read_metrics(str(tmp_path))
+               if "knn_top1" in r}
+  assert sorted(evaluated) == [3, 6]
+  assert all(0.1 < v <= 1.0 for v in evaluated.values())
+  # An evaluation also saves (steps 3 and 6 besides every 2nd step).
+  assert trainers.checkpointer(c, str(tmp_path)).all_steps() == [2, 3, 4, 6]
+
+
+def test_config_json_not_overwritten_by_a_bad_config(tmp_path):
+  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  assert rc == 0, out[-3000:]
+  before = (tmp_path / "config.json").read_text()
+  rc, out = _run_main(tmp_path, "--config.checkpoint.every=0")
+  assert rc == 1 and "checkpoint.every" in out and "Traceback" not in out
+  assert (tmp_path / "config.json").read_text() == before
+  assert json.loads(before)["train"]["total_steps"] == 2
