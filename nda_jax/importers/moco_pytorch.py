@@ -1,0 +1,118 @@
+"""facebookresearch/moco checkpoints -> Flax variables of `models.resnet` encoders.
+
+Accepted checkpoints (read with `load_checkpoint`, converted with `convert_encoder`):
+- main_moco.py's (`moco_v2_200ep_pretrain.pth.tar`, ...): a dict with 'state_dict'
+  holding `module.encoder_q.<torchvision resnet name>` (the query encoder; the
+  MLP head as `fc.0` / `fc.2`), `module.encoder_k.*` and `module.queue`. The
+  default prefix 'module.encoder_q.' converts the query encoder into a
+  `MocoEncoder` (backbone + head); the key encoder (prefix 'module.encoder_k.')
+  converts the same way; the queue is not part of an encoder.
+- torchvision-style ResNet state_dicts: main_lincls.py's output (prefix
+  'module.') or a torchvision model's (prefix ''). Their `fc` is a linear
+  classifier, not the MoCo head, so they convert into a bare `ResNet` (an
+  encoder's `.backbone`); converting into a `ResNet` skips the `fc.*` keys,
+  whatever they hold.
+
+The conversion walks the Flax model's own variables and reads the torch key of
+each (conv weights OIHW -> HWIO, linear [out, in] -> [in, out]; BN weight, bias,
+running_mean, running_var -> scale, bias, mean, var; `num_batches_tracked` is
+read and dropped: it only matters for PyTorch's cumulative-average momentum).
+Every key under the prefix must be used and every variable found with the
+model's shape, else ValueError lists the missing, unused and misshapen keys.
+Pure NumPy; torch is imported only to read files.
+"""
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nda_jax.models import resnet
+
+Variables = dict[str, Any]
+
+# Flax module name -> torch module path, where they differ (models.resnet's names).
+_MODULES = {"backbone": "", "head": "fc", "hidden": "0", "output": "2",
+            "downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
+           ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+           ("batch_stats", "var"): "running_var"}
+
+
+def _torch_module(flax_modules: list[str]) -> list[str]:
+  """['backbone', 'layer2_0', 'downsample_bn'] -> ['layer2', '0', 'downsample', '1']."""
+  parts = []
+  for name in flax_modules:
+    name = _MODULES.get(name, re.sub(r"^(layer\d+)_(\d+)$", r"\1.\2", name))
+    parts += name.split(".") if name else []
+  return parts
+
+
+def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
+  if key.endswith(".weight") and value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if key.endswith(".weight") and value.ndim == 2:
+    return value.T
+  return value
+
+
+def convert_encoder(state_dict: Mapping[str, Any],
+                    encoder_module: resnet.MocoEncoder | resnet.ResNet,
+                    prefix: str = "module.encoder_q.") -> Variables:
+  """The `prefix` part of `state_dict` -> {'params', 'batch_stats'} of `encoder_module`.
+
+  A `MocoEncoder` needs the MoCo MLP head (`fc.0`, `fc.2`); a `ResNet` takes
+  the backbone and skips `fc.*` (module docstring).
+  """
+  arrays = {k[len(prefix):]: np.asarray(v) for k, v in state_dict.items() if k.startswith(prefix)}
+  if not arrays:
+    starts = sorted({k.split(".")[0] for k in state_dict})
+    raise ValueError(f"no state_dict key starts with {prefix!r}; keys start with {starts}")
+  skipped = ({k for k in arrays if k.startswith("fc.")}
+             if isinstance(encoder_module, resnet.ResNet) else set())
+  channels = arrays["conv1.weight"].shape[1] if "conv1.weight" in arrays else 3
+  expected = jax.eval_shape(lambda: encoder_module.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
+
+  used, missing, misshapen = set(), [], []
+
+  def convert(path, leaf):
+    collection, *modules, name = [p.key for p in path]
+    module = ".".join(_torch_module(modules))
+    key = f"{module}.{_LEAVES[collection, name]}"
+    if name == "mean" and f"{module}.num_batches_tracked" in arrays:
+      used.add(f"{module}.num_batches_tracked")
+    if key not in arrays:
+      missing.append(prefix + key)
+      return None
+    used.add(key)
+    value = _to_flax(key, arrays[key]).astype(np.float32)
+    if value.shape != leaf.shape:
+      misshapen.append(f"{prefix}{key}: {value.shape} (as Flax) != model's {leaf.shape}")
+    return value
+
+  variables = jax.tree_util.tree_map_with_path(convert, expected)
+  unused = sorted(prefix + k for k in set(arrays) - used - skipped)
+  if missing or unused or misshapen:
+    hint = (" (a checkpoint without the MoCo MLP head converts into the backbone: pass "
+            "encoder.backbone)" if any(k[len(prefix):].startswith("fc.") for k in missing) else "")
+    raise ValueError(f"the state_dict does not fit {type(encoder_module).__name__} "
+                     f"(check arch, stem, width, head_dim){hint}: missing keys {missing}; "
+                     f"unused keys {unused}; shape mismatches {misshapen}")
+  return jax.tree.map(jnp.asarray, variables)
+
+
+def load_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """A main_moco / main_lincls checkpoint ('state_dict' entry) or a bare state_dict -> NumPy."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("reading .pth files needs torch: pip install -e '.[torch]'") from e
+  checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
+    checkpoint = checkpoint["state_dict"]
+  if not (isinstance(checkpoint, Mapping)
+          and all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
+    raise ValueError(f"{path} holds neither a state_dict nor a checkpoint with a 'state_dict'")
+  return {k: v.detach().cpu().numpy() for k, v in checkpoint.items()}
