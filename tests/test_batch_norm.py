@@ -137,6 +137,29 @@ def test_one_device_equals_eight(group_size, keys):
   np.testing.assert_allclose(eight[1]["var"], want_var, rtol=1e-6, atol=1e-6)
 
 
+def test_input_gradients_do_not_depend_on_device_count():
+  """d(sum over the global batch of <y, w>)/dx: psum's transpose brings other shards' terms."""
+  group_size = 8  # groups spanning two devices
+  x = _inputs((GLOBAL_BATCH, 3, 3, 4), seed=11)
+  weights = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+  bn = batch_norm.GroupBatchNorm()
+  variables = _random_variables(bn, x, seed=13)
+
+  def step(variables, xw, rng):
+    del rng
+    x, w = xw[..., :4], xw[..., 4:]
+    groups = batch_norm.query_groups(x.shape[0], group_size, GLOBAL_BATCH)
+    local_loss = lambda x: jnp.sum(bn.apply(variables, x, use_running_average=False,
+                                            groups=groups, mutable=["batch_stats"])[0] * w)
+    return jax.grad(local_loss)(x), variables["batch_stats"], groups.ids
+
+  xw = np.concatenate([x, weights], axis=-1)
+  one, eight = (_run_on_mesh(parallel.DataParallel(max_devices=n), step, variables, xw,
+                             jax.random.key(0))[0] for n in (1, 8))
+  assert np.abs(one).max() > 0.1
+  np.testing.assert_allclose(one, eight, rtol=TOL, atol=TOL)
+
+
 def _key_group_problems(query_ids, key_ids, group_size, num):
   """What breaks the key-group contract: shared groups, sizes, too little mixing."""
   problems = []
