@@ -1,179 +1,229 @@
-r"""Evaluate a GAN checkpoint: sample quality (FID / IS / KID, fd_digits) and anomaly AUROC.
+r"""Evaluate a run's checkpoint with the evaluators of its config (`config.evals`).
 
-  python -m nda_jax.eval --workdir=runs/demo [--checkpoint=best|latest|STEP] \
-      [--metrics=fd_digits,anomaly] [--num_samples=1000] [--set=eval.seed=1 ...]
+  python -m nda_jax.eval --workdir=runs/demo [--checkpoint=latest|best|STEP] \
+      [--only=fd_digits,anomaly] [--config.evals.fd_digits.num_samples=1000 ...]
 
-Uses the run's resolved config (WORKDIR/config.json); `--set key=value`
-overrides any of its fields for this evaluation (values are Python literals,
-e.g. `--set="eval.anomaly.synthetic=['uniform_noise']"`, else strings).
-Samples come from G_ema (as in training), D is the trained discriminator.
+The run's config (WORKDIR/config.json, brought up to date by
+`config_lib.load_config`: a run from before `config.evals` evaluates too) is
+the `--config` flag's value, locked: `--config.<key>=value` overrides a key it
+declares, for this evaluation only, and a key it does not declare is an error
+that names the close ones. Values are parsed as the key's type (tuples as
+`--config.evals.anomaly.synthetic="('uniform_noise',)"`); a key that is None in
+config.json (e.g. `data.data_dir`) takes a string.
 
-Writes WORKDIR/eval.json ({"step", "checkpoint", "num_samples", "metrics"}),
-TensorBoard scalars `eval/<metric>` at the checkpoint's step (beside the
-training curves, also appended to metrics.jsonl) and, for `anomaly`, the
-per-set table WORKDIR/anomaly/anomaly.{json,md}. When the run configures no
-out-of-distribution set (`eval.anomaly`), `anomaly` scores the in-distribution
-test split against its own NDA of that split and the synthetic sets that need
-no download (see evaluators/anomaly.py).
+`--only` picks evaluators by their name in config.evals (default: all). An
+`anomaly` evaluator with no out-of-distribution set configured scores the run's
+own NDA of the test split and the synthetic sets that need no download (see
+evaluators/anomaly.py).
 
-From Python (a notebook): `result = eval.run(eval.prepare(workdir, metrics=["fd_digits"]))`.
+Writes WORKDIR/eval.json ({"step", "checkpoint", "evals": the configs used,
+"metrics"}), TensorBoard scalars `eval/<metric>` at the checkpoint's step
+(beside the training curves, also appended to metrics.jsonl) and, for
+`anomaly`, the per-set table WORKDIR/anomaly/anomaly.{json,md}.
+
+From Python (a notebook): `result = eval.run(eval.prepare(workdir, only=["fd_digits"]))`;
+`parse_config(workdir, ["--config.evals.fd_digits.num_samples=100"])` applies
+overrides as the command line does.
 """
-import ast
 from collections.abc import Callable, Mapping, Sequence
+import functools
 import json
-import os
+import sys
 from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-from jax.sharding import PartitionSpec as P
 import ml_collections
+from ml_collections import config_flags
 
 from nda_jax import config_lib
 from nda_jax import evaluators as evaluators_lib
 from nda_jax import parallel
+from nda_jax import workdir as workdir_lib
 from nda_jax.evaluators import anomaly
-from nda_jax.trainers import common
-from nda_jax.trainers import gan
 
 TB_PREFIX = "eval/"
-_ANOMALY_SETS = ("ndas", "ood_data", "synthetic", "cifar10c_dir")
+CONFIG_FLAG = "config"
+_PROG = "nda_jax.eval"
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """Applies 'a.b.c=value' strings in place; missing parents are created (e.g. eval.anomaly)."""
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-      raise ValueError(f"--set={item!r}: expected key=value, e.g. eval.num_samples=1000")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.strip().split(".")
-    node = config
-    for depth, name in enumerate(parents):
-      if name not in node or node[name] is None:
-        node[name] = ml_collections.ConfigDict()
-      node = node[name]
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(f"--set={item!r}: {'.'.join(parents[:depth + 1])} is a "
-                         f"{type(node).__name__}, not a config section")
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise ValueError(f"--set={item!r}: {e}") from e
+# ------------------------------------------------------------------ the run's config, overridden
+def workdir_from_argv(argv: Sequence[str]) -> str | None:
+  """--workdir's value, read before absl parses (the config flag is defined from that run)."""
+  for i, arg in enumerate(argv):
+    for prefix in ("--workdir=", "-workdir="):
+      if arg.startswith(prefix):
+        return arg[len(prefix):]
+    if arg in ("--workdir", "-workdir") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
-def resolve_metrics(config: ml_collections.ConfigDict,
-                    names: Sequence[str] | None) -> tuple[str, ...]:
-  """The metrics to compute, validated before any checkpoint or network is loaded."""
-  if names is None:
-    names = config.eval.get("metrics") or ()
-  names = tuple(names)
-  valid = sorted(evaluators_lib.valid_metrics())
-  if not names:
-    raise ValueError(f"no metric to compute: the run's config.eval.metrics is empty; pass "
-                     f"--metrics with some of {valid}")
-  unknown = sorted(set(names) - set(valid))
-  if unknown:
-    raise ValueError(f"unknown metric(s) {unknown}; valid choices: {valid}")
-  return tuple(dict.fromkeys(names))
+def _override_keys(argv: Sequence[str]) -> list[str]:
+  """'evals.fd.num_samples' of every `--config.evals.fd.num_samples=...` in argv."""
+  keys = []
+  for arg in argv:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if arg.startswith("-") and name.startswith(CONFIG_FLAG + "."):
+      keys.append(name[len(CONFIG_FLAG) + 1:])
+  return keys
 
 
-def add_default_anomaly_sets(config: ml_collections.ConfigDict) -> None:
-  """Without a configured OOD set: the run's own NDA and the download-free synthetic sets.
+def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+  """ValueError for an override of a key the config does not declare, naming the close ones.
 
-  An NDA-GAN's D was trained to reject exactly its NDA, so NDA(test) is the
-  natural first out-of-distribution set; the synthetic ones show how D ranks
-  images unlike anything it saw.
+  A None leaf of config.json (its type lost in JSON) becomes a str-typed
+  field, so that it can be overridden at all.
   """
-  cfg = config.eval.get("anomaly") or ml_collections.ConfigDict()
-  if any(cfg.get(k) for k in _ANOMALY_SETS):
-    return
-  cfg.ndas = [config.nda.to_dict()]
-  cfg.synthetic = sorted(anomaly.SYNTHETIC)
-  config.eval.anomaly = cfg
-  logging.info("no eval.anomaly sets configured: using NDA %r and synthetic %s",
-               config.nda.name, cfg.synthetic)
+  for key in _override_keys(argv):
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      where = ".".join([CONFIG_FLAG, *parts[:depth]])
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"--{CONFIG_FLAG}.{key}: {where} is a {type(node).__name__}, not a "
+                         f"section")
+      if part not in node:
+        raise ValueError(f"--{CONFIG_FLAG}.{key}: {where} has no key {part!r}"
+                         f"{evaluators_lib.did_you_mean(part, node)}; its keys: {sorted(node)}")
+      if depth == len(parts) - 1 and node[part] is None and node.get_type(part) is type(None):
+        node[part] = ml_collections.FieldReference(None, field_type=str)
+      node = node[part]
 
 
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json, brought up to date; FileNotFoundError if it is not a run."""
+  if not workdir_lib.path(workdir).is_dir():
+    raise FileNotFoundError(f"--workdir={workdir} does not exist")
+  config = config_lib.load_config(workdir)
+  if "evals" not in config:
+    config.evals = ml_collections.ConfigDict()
+  return config
+
+
+def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
+                       flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """`--config` (locked) with `config` as its value; its overrides are checked first."""
+  check_overrides(config, argv)
+  try:
+    config_flags.DEFINE_config_dict(CONFIG_FLAG, config, "The run's config (config.json).",
+                                    flag_values=flag_values, lock_config=True,
+                                    sys_argv=list(argv))
+  except flags.Error as e:      # e.g. a field whose type cannot be set from the command line
+    raise ValueError(str(e)) from None
+
+
+def parse_config(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The run's config with `--config.<key>=value` overrides, as on the command line."""
+  config = load_run_config(workdir)
+  argv = [_PROG, *overrides]
+  flag_values = flags.FlagValues()
+  define_config_flag(config, argv, flag_values)
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    raise ValueError(str(e)) from None
+  return flag_values[CONFIG_FLAG].value
+
+
+# ------------------------------------------------------------------ evaluation
 class Evaluation(NamedTuple):
   """One checkpoint, ready to evaluate."""
   config: ml_collections.ConfigDict
   checkpoint: str
-  state: gan.GANState                   # replicated over all devices
-  evaluators: list[Any]
-  scorer: Callable[..., jax.Array]
+  step: int
+  evaluators: dict[str, Any]
+  fns: dict[str, Callable[..., Any]]    # the method's eval callables, state bound
 
 
-def prepare(workdir: str, checkpoint: str | int = "latest",
-            metrics: Sequence[str] | None = None, num_samples: int | None = None,
-            overrides: Sequence[str] = ()) -> Evaluation:
+def resolve_names(config: ml_collections.ConfigDict, only: Sequence[str] | None) -> list[str]:
+  """The evaluators to run, validated before any checkpoint or network is loaded."""
+  evaluators_lib.validate(config.evals)
+  names = list(config.evals) if only is None else list(dict.fromkeys(only))
+  if not names:
+    raise ValueError("nothing to evaluate: the run's config.evals is empty")
+  for name in names:
+    if name not in config.evals:
+      raise ValueError(f"--only: no evaluator {name!r} in the run's config.evals"
+                       f"{evaluators_lib.did_you_mean(name, config.evals)}; configured: "
+                       f"{sorted(config.evals)}")
+  return names
+
+
+def prepare(workdir: str, checkpoint: str | int = "latest", only: Sequence[str] | None = None,
+            config: ml_collections.ConfigDict | None = None) -> Evaluation:
   """Loads config, checkpoint and evaluators; every user error surfaces here, before any work."""
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"--workdir={workdir} does not exist")
-  config = config_lib.load_config(workdir)
-  apply_overrides(config, overrides)
-  if num_samples is not None:
-    config.eval.num_samples = num_samples
-  names = resolve_metrics(config, metrics)
-  if evaluators_lib.ANOMALY in names:
-    add_default_anomaly_sets(config)
-  state = gan.load_state(config, workdir, checkpoint)   # Clear errors for missing/unknown steps.
+  from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (heavy)
+  config = config if config is not None else load_run_config(workdir)
+  names = resolve_names(config, only)
+  for name in names:
+    entry = config.evals[name]
+    if entry.type == "anomaly" and anomaly.with_default_sets(
+        entry, config.nda if "nda" in config else None):
+      logging.info("evals.%s configures no OOD set: using %s and synthetic %s", name,
+                   list(entry.ndas), list(entry.synthetic))
+  config, method, state = trainers.load_run(workdir, checkpoint, config=config)
   dp = parallel.DataParallel()                          # All devices, the state replicated.
-  evaluators = evaluators_lib.build(config, workdir, mesh=dp.mesh, metric_names=names)
-  return Evaluation(config, str(checkpoint), dp.put_state(state), evaluators,
-                    gan.make_scorer(config, dp))
+  evaluators = evaluators_lib.build(config.evals, config.data, workdir=workdir, mesh=dp.mesh,
+                                    only=names)
+  fns = method.make_eval_fns(dp)
+  for name, evaluator in evaluators.items():
+    missing = sorted(set(evaluator.requires) - set(fns))
+    if missing:
+      raise ValueError(f"evaluator {name!r} needs {missing}; trainer {config.trainer!r} "
+                       f"provides {sorted(fns)}")
+  state = dp.put_state(state)
+  return Evaluation(config, str(checkpoint), int(jax.device_get(state.step)), evaluators,
+                    {k: functools.partial(fn, state) for k, fn in fns.items()})
 
 
 def run(evaluation: Evaluation) -> dict[str, Any]:
-  """{"step", "checkpoint", "num_samples", "metrics": {name: value}}."""
-  config, state = evaluation.config, evaluation.state
-  values = gan.run_evaluators(evaluation.evaluators, config, state, scorer=evaluation.scorer)
-  return {"step": int(jax.device_get(state.step)), "checkpoint": evaluation.checkpoint,
-          "num_samples": int(config.eval.num_samples), "metrics": values}
+  """{"step", "checkpoint", "evals": {name: its config}, "metrics": {metric: value}}."""
+  metrics = {}
+  for evaluator in evaluation.evaluators.values():
+    for metric, value in evaluator.run(**{k: evaluation.fns[k] for k in evaluator.requires}):
+      metrics[metric] = float(value)
+  evals = {name: evaluation.config.evals[name].to_dict() for name in evaluation.evaluators}
+  return {"step": evaluation.step, "checkpoint": evaluation.checkpoint,
+          "evals": json.loads(json.dumps(evals)), "metrics": metrics}
 
 
 def write_result(workdir: str, result: Mapping[str, Any], out: str | None = None) -> str:
   """eval.json plus `eval/<metric>` scalars at the checkpoint's step (process 0 only)."""
-  out = out or os.path.join(workdir, "eval.json")
+  from nda_jax.trainers import common  # pylint: disable=g-import-not-at-top
+  path = workdir_lib.path(out or workdir_lib.path(workdir) / "eval.json")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(result, f, indent=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
   writer = common.MetricWriter(workdir)
   try:
     writer.write(result["step"], {TB_PREFIX + k: v for k, v in result["metrics"].items()})
   finally:
     writer.close()
-  return out
+  return str(path)
 
 
 def format_table(result: Mapping[str, Any]) -> str:
   metrics = result["metrics"]
   width = max([len(k) for k in metrics] + [len("metric")])
-  lines = [f"checkpoint {result['checkpoint']} (step {result['step']}), "
-           f"{result['num_samples']} samples", f"{'metric':<{width}}  value",
+  lines = [f"checkpoint {result['checkpoint']} (step {result['step']}): "
+           f"{', '.join(sorted(result['evals']))}", f"{'metric':<{width}}  value",
            f"{'-' * width}  {'-' * 12}"]
   lines += [f"{k:<{width}}  {v:.6g}" for k, v in sorted(metrics.items())]
   return "\n".join(lines)
 
 
-def define_flags() -> None:
+# ------------------------------------------------------------------ command line
+def define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
   """The CLI's flags. Defined only when run as a script: tests and notebooks import
   this module beside other entry points that define --workdir too."""
-  flags.DEFINE_string("workdir", None, "Workdir of a run (holds config.json).", required=True)
+  flags.DEFINE_string("workdir", None, "Workdir of a run (holds config.json).")
   flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.")
-  flags.DEFINE_list("metrics", None, "Metrics to compute (default: config.eval.metrics); e.g. "
-                    "fid,is,kid,fd_digits,anomaly.")
-  flags.DEFINE_integer("num_samples", None, "Samples per metric (default: "
-                       "config.eval.num_samples).")
-  flags.DEFINE_multi_string("set", [], "key=value override of the run's config, e.g. "
-                            "eval.inception_weights=/path/pt_inception.pth.")
+  flags.DEFINE_list("only", None, "Evaluators to run, by their name in config.evals "
+                    "(default: all).")
   flags.DEFINE_string("out", None, "Result JSON (default WORKDIR/eval.json).")
+  define_config_flag(config, argv)
 
 
 def main(argv):
@@ -181,15 +231,26 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    evaluation = prepare(f.workdir, f.checkpoint, f.metrics, f.num_samples, f.set)
+    evaluation = prepare(f.workdir, f.checkpoint, f.only, f[CONFIG_FLAG].value)
   except (FileNotFoundError, ValueError) as e:  # Bad flags or workdir: the message, no traceback.
-    raise SystemExit(f"nda_jax.eval: error: {e}") from None
+    raise SystemExit(f"{_PROG}: error: {e}") from None
   result = run(evaluation)
   out = write_result(f.workdir, result, f.out)
   print(format_table(result))
   print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-  define_flags()
+def _cli() -> None:
+  workdir = workdir_from_argv(sys.argv)
+  if not workdir:
+    sys.exit(f"{_PROG}: error: --workdir=DIR (a run's workdir) is required")
+  try:
+    define_flags(load_run_config(workdir), sys.argv)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"{_PROG}: error: {e}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()

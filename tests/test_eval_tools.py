@@ -6,23 +6,27 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
-import ml_collections
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from nda_jax import config_lib
 from nda_jax import eval as eval_lib
+from nda_jax import evaluators
 from nda_jax import parallel
+from nda_jax import trainers
 from nda_jax.tools import plot as plot_tool
 from nda_jax.tools import sample_sheets
 from nda_jax.trainers import common
 from nda_jax.trainers import gan
+from nda_jax.trainers import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "explore_checkpoint.ipynb")
@@ -39,37 +43,59 @@ def tiny_config() -> ml_collections.ConfigDict:
   return config
 
 
+def eval_entries() -> ml_collections.ConfigDict:
+  """What the run's config lists for `nda_jax.eval`: fd_digits and anomaly, both small."""
+  fd = evaluators.default_config("sample_quality")
+  fd.update({"metrics": ("fd_digits",), "num_samples": 100, "sample_batch_size": 16,
+             "batch_size": 64})
+  ood = evaluators.default_config("anomaly")
+  ood.update({"batch_size": 64, "max_examples": 128})
+  return ml_collections.ConfigDict({"fd_digits": fd, "anomaly": ood})
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> str:
-  """A workdir as `python -m nda_jax.main` leaves it: config.json, checkpoints, metrics."""
+  """A workdir as `python -m nda_jax.main` leaves it: config.json, checkpoints, metrics.
+
+  Its config.json lists two evaluators; training ran without them (they would
+  run at its end), which keeps this fixture fast.
+  """
   workdir = str(tmp_path_factory.mktemp("demo_run"))
   config = tiny_config()
+  loop.train_and_evaluate(config, workdir)
+  config.evals = eval_entries()
   config_lib.write_config(config, workdir)
-  gan.train_and_evaluate(config, workdir)
   return workdir
 
 
-def _cli_env() -> dict[str, str]:
+@pytest.fixture
+def classifier_cache(monkeypatch) -> dict[str, str]:
   """The fd_digits classifier is deterministic per its TrainConfig: train it once per machine."""
-  env = dict(os.environ)
-  env.setdefault("NDA_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                               "nda_jax_test_cache"))
-  return env
+  cache = os.environ.get("NDA_JAX_CACHE") or os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                          "nda_jax_test_cache")
+  monkeypatch.setenv("NDA_JAX_CACHE", cache)
+  return dict(os.environ)
+
+
+def _eval_cli(*args: str, env: dict[str, str], timeout: int = 600):
+  return subprocess.run([sys.executable, "-m", "nda_jax.eval", *args], capture_output=True,
+                        text=True, env=env, timeout=timeout)
 
 
 # ------------------------------------------------------------------ eval CLI
-def test_eval_cli_writes_metrics(demo_run):
-  num = 64
-  proc = subprocess.run(
-      [sys.executable, "-m", "nda_jax.eval", f"--workdir={demo_run}",
-       "--metrics=fd_digits,anomaly", f"--num_samples={num}",
-       "--set=eval.anomaly.max_examples=64"],
-      capture_output=True, text=True, env=_cli_env(), timeout=600)
+def test_eval_cli_writes_metrics(demo_run, classifier_cache):
+  num, max_examples = 64, 48
+  proc = _eval_cli(f"--workdir={demo_run}", "--only=fd_digits,anomaly",
+                   f"--config.evals.fd_digits.num_samples={num}",
+                   f"--config.evals.anomaly.max_examples={max_examples}", env=classifier_cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(demo_run, "eval.json")) as f:
     result = json.load(f)
-  assert set(result) == {"step", "checkpoint", "num_samples", "metrics"}
-  assert (result["step"], result["checkpoint"], result["num_samples"]) == (STEPS, "latest", num)
+  assert set(result) == {"step", "checkpoint", "evals", "metrics"}
+  assert (result["step"], result["checkpoint"]) == (STEPS, "latest")
+  assert set(result["evals"]) == {"fd_digits", "anomaly"}
+  assert result["evals"]["fd_digits"]["num_samples"] == num          # the override, reported
+  assert result["evals"]["fd_digits"]["sample_batch_size"] == 16     # the run's own value
   metrics = result["metrics"]
   # No OOD set configured: the run's NDA (jigsaw) and the synthetic sets.
   aurocs = {"anomaly/nda/jigsaw", "anomaly/synthetic/photo_patches",
@@ -80,8 +106,9 @@ def test_eval_cli_writes_metrics(demo_run):
   assert all(0.0 <= metrics[k] <= 1.0 for k in aurocs), metrics
   with open(os.path.join(demo_run, "anomaly", "anomaly.json")) as f:
     table = json.load(f)
-  assert table["in_distribution"]["n"] == 64
+  assert table["in_distribution"]["n"] == max_examples              # the override, used
   assert {r["set"] for r in table["rows"]} == {k.split("/", 1)[1] for k in aurocs}
+  assert {r["n_ood"] for r in table["rows"]} == {max_examples}
   # TensorBoard scalars (same writer as metrics.jsonl) at the checkpoint's step.
   last = common.read_metrics(demo_run)[-1]
   assert last == {"step": STEPS, **{"eval/" + k: v for k, v in metrics.items()}}
@@ -89,33 +116,107 @@ def test_eval_cli_writes_metrics(demo_run):
   assert "fd_digits" in proc.stdout and "anomaly/nda/jigsaw" in proc.stdout
 
 
-def test_eval_cli_best_without_metrics_is_a_clear_error(demo_run):
-  proc = subprocess.run(
-      [sys.executable, "-m", "nda_jax.eval", f"--workdir={demo_run}", "--checkpoint=best",
-       "--metrics=fd_digits"], capture_output=True, text=True, env=_cli_env(), timeout=300)
+def test_eval_cli_rejects_undeclared_keys_in_one_line(demo_run, classifier_cache):
+  proc = _eval_cli(f"--workdir={demo_run}", "--config.evals.fd_digits.num_sampels=10",
+                   env=classifier_cache, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "nda_jax.eval: error: --config.evals.fd_digits.num_sampels: config.evals.fd_digits has "
+      "no key 'num_sampels' (did you mean 'num_samples'?); its keys: " +
+      str(sorted(eval_entries().fd_digits)))
+  assert "Traceback" not in proc.stderr
+  proc = _eval_cli(f"--workdir={demo_run}", "--set=eval.num_samples=10", env=classifier_cache,
+                   timeout=300)
+  assert proc.returncode != 0 and "Unknown command line flag 'set'" in proc.stderr
+
+
+def test_eval_cli_best_without_metrics_is_a_clear_error(demo_run, classifier_cache):
+  proc = _eval_cli(f"--workdir={demo_run}", "--checkpoint=best", "--only=fd_digits",
+                   env=classifier_cache, timeout=300)
   assert proc.returncode != 0
   assert "nda_jax.eval: error: no checkpoint in" in proc.stderr
   assert "'fd_digits' metric; use 'latest' or one of the steps [2]" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
+def test_config_overrides_are_declared_typed_and_used(demo_run, classifier_cache):
+  config = eval_lib.parse_config(demo_run, [
+      "--config.evals.fd_digits.num_samples=40", "--config.evals.fd_digits.sample_batch_size=16",
+      "--config.evals.anomaly.synthetic=('uniform_noise',)", "--config.data.data_dir=/elsewhere"])
+  assert config.evals.fd_digits.num_samples == 40
+  assert config.evals.anomaly.synthetic == ("uniform_noise",)
+  assert config.data.data_dir == "/elsewhere"       # None in config.json, still settable
+  assert config.evals.fd_digits.batch_size == eval_entries().fd_digits.batch_size
+  evaluation = eval_lib.prepare(demo_run, only=["fd_digits"], config=config)
+  calls = []
+  sample_fn = evaluation.fns["sample_fn"]
+
+  def counting(rng, n):
+    calls.append(n)
+    return sample_fn(rng, n)
+  evaluation.fns["sample_fn"] = counting
+  result = eval_lib.run(evaluation)
+  assert calls == [16, 16, 8]                       # num_samples=40 in calls of 16
+  assert set(result["metrics"]) == {"fd_digits"} and result["metrics"]["fd_digits"] > 0
+  assert result["evals"] == {"fd_digits": json.loads(json.dumps(config.evals.fd_digits.to_dict()))}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--config.evals.fd_digits.num_sampels=10",
+     r"config.evals.fd_digits has no key 'num_sampels' \(did you mean 'num_samples'\?\)"),
+    ("--config.evals.fd_digit.num_samples=10",
+     r"config.evals has no key 'fd_digit' \(did you mean 'fd_digits'\?\)"),
+    ("--config.evals.fd_digits.num_samples.x=1", "config.evals.fd_digits.num_samples is a int"),
+    ("--config.evals.fd_digits.num_samples=many", "invalid literal for int"),
+])
+def test_config_override_errors(demo_run, override, match):
+  with pytest.raises(ValueError, match=match):
+    eval_lib.parse_config(demo_run, [override])
+
+
+def test_workdir_is_read_before_the_flags():
+  argv = ["eval", "--checkpoint=best", "--workdir", "/runs/a", "--config.evals.x.k=1"]
+  assert eval_lib.workdir_from_argv(argv) == "/runs/a"
+  assert eval_lib.workdir_from_argv(["eval", "--workdir=/runs/b"]) == "/runs/b"
+  assert eval_lib.workdir_from_argv(["eval", "--only=x"]) is None
+
+
+def test_legacy_config_json_still_evaluates(demo_run, classifier_cache, tmp_path):
+  """A run from before config.evals: its config.json has the old `eval` section."""
+  legacy_dir = str(tmp_path / "legacy")
+  shutil.copytree(demo_run, legacy_dir)
+  with open(os.path.join(legacy_dir, "config.json")) as f:
+    raw = json.load(f)
+  del raw["evals"]
+  raw["eval"] = {"metrics": ["fd_digits"], "every": 1250, "num_samples": 32,
+                 "sample_batch_size": 16, "inception_weights": None, "ref_stats": None}
+  with open(os.path.join(legacy_dir, "config.json"), "w") as f:
+    json.dump(raw, f)
+  config = eval_lib.parse_config(legacy_dir, ["--config.evals.fd_digits.batch_size=32"])
+  assert set(config.evals) == {"fd_digits"} and "eval" not in config
+  assert set(config.evals.fd_digits) == set(evaluators.default_config("sample_quality"))
+  result = eval_lib.run(eval_lib.prepare(legacy_dir, config=config))
+  assert set(result["metrics"]) == {"fd_digits"} and result["metrics"]["fd_digits"] > 0
+  used = result["evals"]["fd_digits"]
+  assert (used["num_samples"], used["every"], used["batch_size"]) == (32, 1250, 32)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"workdir": "/nonexistent/run"}, FileNotFoundError, "does not exist"),
-    ({"metrics": ["fid", "psnr"]}, ValueError,
-     r"unknown metric\(s\) \['psnr'\]; valid choices: \['anomaly', 'fd_digits', 'fid'"),
-    ({"metrics": None}, ValueError, "config.eval.metrics is empty; pass --metrics"),
+    ({"only": ["fd_digits", "anomaly", "fid"]}, ValueError,
+     r"no evaluator 'fid' in the run's config.evals; configured: \['anomaly', 'fd_digits'\]"),
+    ({"only": []}, ValueError, "nothing to evaluate"),
     ({"checkpoint": "3"}, ValueError, r"step 3 not in .*kept steps: \[2\]"),
     ({"checkpoint": "best"}, ValueError, "has a 'fd_digits' metric"),
 ])
 def test_eval_setup_errors(demo_run, kwargs, error, match):
-  kwargs = {"workdir": demo_run, "metrics": ["fd_digits"], **kwargs}
+  kwargs = {"workdir": demo_run, "only": ["fd_digits"], **kwargs}
   with pytest.raises(error, match=match):
     eval_lib.prepare(**kwargs)
 
 
 def test_sharded_scorer_equals_one_device_scorer(demo_run):
-  config = config_lib.load_config(demo_run)
-  state = gan.load_state(config, demo_run, "latest")
+  config, _, state = trainers.load_run(demo_run, "latest")
   dp = parallel.DataParallel()
   assert dp.num_devices == 8
   rng = np.random.RandomState(0)
@@ -128,34 +229,6 @@ def test_sharded_scorer_equals_one_device_scorer(demo_run):
       dp.put_state(state), jax.device_put(images, split), jax.device_put(labels, split))
   assert scores.shape == (16,)
   np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_overrides_parse_literals_and_create_sections():
-  config = ml_collections.ConfigDict({"eval": {"num_samples": 10, "metrics": ["fid"]},
-                                      "nda": {"name": "jigsaw"}})
-  eval_lib.apply_overrides(config, ["eval.num_samples=250", "eval.anomaly.synthetic=['a', 'b']",
-                                    "nda.name=stitch", "eval.anomaly.split=test"])
-  assert config.eval.num_samples == 250
-  assert list(config.eval.anomaly.synthetic) == ["a", "b"]
-  assert (config.nda.name, config.eval.anomaly.split) == ("stitch", "test")
-  with pytest.raises(ValueError, match="expected key=value"):
-    eval_lib.apply_overrides(config, ["eval.num_samples"])
-  with pytest.raises(ValueError, match="nda.name is a str, not a config section"):
-    eval_lib.apply_overrides(config, ["nda.name.k=2"])
-  with pytest.raises(ValueError, match="eval.num_samples"):
-    eval_lib.apply_overrides(config, ["eval.num_samples='many'"])
-
-
-def test_default_anomaly_sets_only_when_none_configured():
-  config = ml_collections.ConfigDict({"eval": {}, "nda": {"name": "cutout", "probs": None,
-                                                          "params": {}}})
-  eval_lib.add_default_anomaly_sets(config)
-  assert [dict(n) for n in config.eval.anomaly.ndas] == [config.nda.to_dict()]
-  assert list(config.eval.anomaly.synthetic) == ["photo_patches", "uniform_noise"]
-  configured = ml_collections.ConfigDict({"eval": {"anomaly": {"synthetic": ["uniform_noise"]}},
-                                          "nda": {"name": "cutout"}})
-  eval_lib.add_default_anomaly_sets(configured)
-  assert "ndas" not in configured.eval.anomaly
 
 
 # ------------------------------------------------------------------ interpolation math
@@ -231,8 +304,7 @@ def test_interpolation_rows_one_class_per_row():
 
 # ------------------------------------------------------------------ sample sheets
 def test_sample_sheets(demo_run, tmp_path):
-  config = config_lib.load_config(demo_run)
-  state = gan.load_state(config, demo_run, "latest")
+  config, _, state = trainers.load_run(demo_run, "latest")
   per_class, rows, steps, scale = 4, 2, 3, 2
   written = sample_sheets.write_sheets(config, state, str(tmp_path), per_class=per_class,
                                        interp_rows=rows, interp_steps=steps, scale=scale)
