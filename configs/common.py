@@ -118,3 +118,67 @@ def apply_gan_variants(c: ml_collections.ConfigDict, variants: set[str]) -> None
     c.model.conditional = True
   if "baseline" in variants:            # plain BigGAN: NDA weighted 0
     c.loss.alpha, c.loss.beta = 1.0, 0.0
+
+
+def moco_config() -> ml_collections.ConfigDict:
+  """MoCo-v2 (main_moco.py --mlp --moco-t 0.2 --aug-plus --cos) with NDA negatives, ImageNet."""
+  c = run_config("moco", seed=0)
+  c.data = data_config("image_folder", image_size=256, num_classes=1000)
+  c.data.resize_size = 256              # host: shorter side 256, centre 256x256; views crop 224
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "resnet50"
+  c.model.stem = "imagenet"             # 'cifar': 3x3 conv, no max-pool (32x32, digits)
+  c.model.width = 64
+  c.model.head_dim = 128                # MLP head 2048-2048-128 (--mlp)
+  c.model.bn_group_size = 32            # BN statistics per 32 examples = MoCo's 256 over 8 GPUs
+  c.model.input_norm = "imagenet"       # torchvision mean/std, as MoCo (and imported weights)
+  c.model.conv_impl = "auto"
+
+  c.moco = ml_collections.ConfigDict()
+  c.moco.queue_size = 65536             # K
+  c.moco.momentum = 0.999               # m
+  c.moco.temperature = 0.2              # --moco-t 0.2
+
+  c.aug = ml_collections.ConfigDict()   # aug+ (MoCo-v2), made on device
+  c.aug.crop_size = 224
+  c.aug.scale = (0.2, 1.0)
+  c.aug.jitter = (0.4, 0.4, 0.4, 0.1)
+  c.aug.p_jitter = 0.8
+  c.aug.p_gray = 0.2
+  c.aug.blur_sigma = (0.1, 2.0)
+  c.aug.p_blur = 0.5
+  c.aug.p_flip = 0.5
+
+  # NDA negatives: an NDA of each query's view, encoded by the key encoder.
+  c.nda = ml_collections.ConfigDict()
+  c.nda.enabled = True
+  c.nda.name = "jigsaw"                 # any registry NDA, or 'a+b' with probs
+  c.nda.probs = ml_collections.FieldReference(None, field_type=list)
+  c.nda.params = ml_collections.ConfigDict({"jigsaw": {"k": 2, "layout": "clean"}})
+  c.nda.source = "query_view"           # or 'image': NDA before the positive augmentation
+  c.nda.scope = "own"                   # 'own': each query's own NDA key; 'batch': all of them
+  c.nda.weight = 1.0                    # multiplies exp(NDA logits) in the denominator
+  c.nda.enqueue = False                 # True: NDA keys also enter the queue
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.encoder = optim.default_config("sgd")
+  c.optim.encoder.lr = 0.03             # 0.03 * batch / 256
+  c.optim.encoder.momentum = 0.9
+  c.optim.encoder.weight_decay = 1e-4   # coupled, as torch.optim.SGD
+  c.optim.encoder.schedule = "cosine"   # --cos
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256
+  c.train.num_epochs = 200
+  c.train.total_steps = 0
+  c.train.log_every = 100
+
+  c.evals.knn = evaluators.default_config("knn")
+  c.evals.knn.every = 5000
+  c.evals.knn.max_train = 50000         # a fixed subset of ImageNet train as the feature bank
+  c.evals.knn.eval_split = "val"
+  c.checkpoint.every = 5000
+  c.checkpoint.best_metric = "knn_top1"
+  c.checkpoint.best_mode = "max"
+  return c

@@ -153,7 +153,7 @@ class GAN(method_lib.Method):
     """
     config = self.config
     generator, discriminator = build_models(config)
-    nda_fn = negative.build_nda(config.nda)
+    nda_fn = negative.build_nda(config.nda, axis_name=parallel.AXIS)
     g_tx, d_tx = self.optimizers()
     loss_cfg, train_cfg = config.loss, config.train
     n_classes, dim_z = num_classes(config), config.model.dim_z
@@ -299,15 +299,14 @@ def sheet_images(config, sample, state: GANState) -> np.ndarray:
   return sample_in_batches(sample, state, z, y, batch_size=len(z))
 
 
-def _sample_for_eval(config, sampler, state, rng: jax.Array, num: int,
-                     batch_size: int | None = None) -> np.ndarray:
-  """`num` EMA samples, G's BN over batches of `batch_size` (default: the training batch
-  size, the official protocol)."""
+def _sample_for_eval(config, sampler, state, rng: jax.Array, num: int) -> np.ndarray:
+  """`num` EMA samples drawn as one batch: G's BN statistics over the `num` samples, so
+  the evaluator's `sample_batch_size` (64 in the official protocol) is the BN batch."""
   n_classes = num_classes(config)
   z_key, y_key = jax.random.split(rng)
   z = np.asarray(jax.random.normal(z_key, (num, config.model.dim_z), jnp.float32))
   y = np.asarray(jax.random.randint(y_key, (num,), 0, n_classes, jnp.int32))
-  return sample_in_batches(sampler, state, z, y, batch_size or config.train.batch_size)
+  return sample_in_batches(sampler, state, z, y, num)
 
 
 def make_scorer(config: ml_collections.ConfigDict,

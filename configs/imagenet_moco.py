@@ -1,0 +1,32 @@
+r"""MoCo-v2 with NDA negatives on ImageNet (Sinha et al. 2021, section 4, Table 5).
+
+MoCo-v2 as facebookresearch/moco `main_moco.py -a resnet50 --lr 0.03
+--batch-size 256 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200` (K=65,536,
+m=0.999, MLP head 2048-2048-128, SGD momentum 0.9, weight decay 1e-4), plus an
+NDA of each query view (jigsaw k=2, clean layout: never the unchanged image)
+encoded by the key encoder as one extra negative per query. `:baseline` is
+plain MoCo-v2 (nda.enabled=False).
+
+  python -m nda_jax.main --config=configs/imagenet_moco.py \
+      --config.data.data_dir=/path/to/imagenet --workdir=runs/in_moco_nda
+
+DATA_DIR holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. The host decodes,
+resizes the shorter side to 256 and keeps the central 256x256 (the aug+ crops
+are drawn from that, on device; torchvision draws them from the full image).
+Linear evaluation: configs/imagenet_linear.py on the run's workdir.
+
+Expected (linear probe top-1 on ImageNet val, 200 epochs): MoCo-v2 67.5%
+(moco README); the NDA paper reports MoCo-v2 + NDA above its MoCo-v2 baseline
+(its Table 5; it trains ImageNet-100 and full ImageNet). A kNN monitor (k=200,
+t=0.1, 50k train images as the bank) runs every 5,000 steps.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  variants = common.parse_variants(arg, ("baseline",))
+  c = common.moco_config()
+  c.data.eval_split = "val"
+  if "baseline" in variants:
+    c.nda.enabled = False
+  return c

@@ -1,0 +1,282 @@
+"""MoCo-v2 with NDA negatives — a method on the generic loop.
+
+MoCo-v2 (He et al. 2020, Chen et al. 2020; facebookresearch/moco
+`main_moco.py --mlp --moco-t 0.2 --aug-plus --cos`) for everything NDA does
+not change: a query encoder trained by SGD, a key encoder that is its
+momentum copy (updated before the keys are computed), InfoNCE against a queue
+of K past keys, two aug+ views per image made on device.
+
+NDA (Sinha et al. 2021, section 4): an NDA of each query's view (or of the
+image, before its augmentation) is encoded by the KEY encoder in its own
+forward pass with its own BN groups (so the real keys' statistics do not
+change, and `nda.weight=0` is plain MoCo exactly) and enters the softmax
+denominator as an extra negative: its own NDA key for each query ('own',
+as augmentation-made negatives in Ge et al. 2021's MoCo code) or all NDA
+keys of the global batch ('batch'), with the exponentiated logits scaled by
+`nda.weight`. The NDA pass does not update the key encoder's running BN
+averages: they describe real images.
+
+BatchNorm: statistics over fixed-size groups of the global batch
+(`model.bn_group_size`), with keys reassigned to groups that never hold their
+own query (models/batch_norm.py), so the numbers do not depend on the
+device count, and no key sees its query through batch statistics.
+"""
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from nda_jax import losses
+from nda_jax import optim
+from nda_jax import parallel
+from nda_jax.augment import negative
+from nda_jax.augment import positive
+from nda_jax.models import batch_norm
+from nda_jax.models import resnet
+from nda_jax.trainers import method as method_lib
+
+PyTree = Any
+
+NDA_SOURCES = ("query_view", "image")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# torchvision's ImageNet normalisation, which MoCo's encoders (and imported weights) expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@flax.struct.dataclass
+class MoCoState:
+  step: jax.Array
+  rng: jax.Array
+  params: PyTree            # query encoder: {'backbone', 'head'}
+  batch_stats: PyTree
+  key_params: PyTree        # key encoder: momentum copy of params
+  key_batch_stats: PyTree
+  opt: optax.OptState
+  queue: jax.Array          # [K, D] L2-normalised keys, a ring buffer
+  queue_ptr: jax.Array      # where the next global batch of keys goes
+
+
+def dtype_of(config: ml_collections.ConfigDict):
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; valid choices: {sorted(DTYPES)}")
+  return DTYPES[config.dtype]
+
+
+def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
+  m = config.model
+  return resnet.build_encoder(m.arch, stem=m.stem, width=m.width, head_dim=m.head_dim,
+                              dtype=dtype_of(config), conv_impl=m.conv_impl)
+
+
+def normalize_input(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
+  """[-1, 1] images -> what the encoder sees ('imagenet': torchvision's mean/std)."""
+  if config.model.input_norm == "imagenet":
+    mean = jnp.asarray(IMAGENET_MEAN[:images.shape[-1]], jnp.float32)
+    std = jnp.asarray(IMAGENET_STD[:images.shape[-1]], jnp.float32)
+    return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
+  if config.model.input_norm == "none":
+    return images
+  raise ValueError(f"config.model.input_norm={config.model.input_norm!r}; "
+                   f"valid choices: ('imagenet', 'none')")
+
+
+def nda_spec(nda_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The augmentation part of config.nda (name, probs, params) for the NDA registry."""
+  return {k: nda_cfg[k] for k in ("name", "probs", "params")}
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class MoCo(method_lib.Method):
+  """MoCo-v2 (+ NDA negatives). Host batches: uint8 [B, H, W, C] images."""
+
+  def validate(self, num_devices: int) -> None:
+    super().validate(num_devices)
+    c = self.config
+    dtype_of(c)
+    optim.validate(c.optim.encoder, "config.optim.encoder")
+    b = c.train.batch_size
+    if c.moco.queue_size <= 0 or c.moco.queue_size % b:
+      raise ValueError(f"config.moco.queue_size={c.moco.queue_size} must be a positive multiple "
+                       f"of the global batch {b} (MoCo enqueues whole batches)")
+    if not 0.0 <= c.moco.momentum < 1.0:
+      raise ValueError(f"config.moco.momentum={c.moco.momentum} must be in [0, 1)")
+    if c.moco.temperature <= 0:
+      raise ValueError(f"config.moco.temperature={c.moco.temperature} must be > 0")
+    if b % c.model.bn_group_size or b // c.model.bn_group_size < 3:
+      raise ValueError(f"config.model.bn_group_size={c.model.bn_group_size} must divide the "
+                       f"batch {b} into at least 3 BN groups (keys are normalised in groups "
+                       f"that mix other queries' groups)")
+    if c.nda.enabled:
+      negative.build_nda(nda_spec(c.nda))
+      if c.nda.source not in NDA_SOURCES:
+        raise ValueError(f"config.nda.source={c.nda.source!r}; valid choices: {NDA_SOURCES}")
+      if c.nda.scope not in losses.NDA_SCOPES_MOCO:
+        raise ValueError(f"config.nda.scope={c.nda.scope!r}; valid choices: "
+                         f"{losses.NDA_SCOPES_MOCO}")
+      if c.nda.weight < 0:
+        raise ValueError(f"config.nda.weight={c.nda.weight} must be >= 0")
+      if c.nda.enqueue and c.moco.queue_size % (2 * b):
+        raise ValueError(f"config.nda.enqueue=True enqueues 2 x {b} keys a step: "
+                         f"config.moco.queue_size must be a multiple of {2 * b}")
+    normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
+    build_encoder(c)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return optim.build(self.config.optim.encoder, steps_per_epoch=self.steps_per_epoch,
+                       total_steps=max(self.total_steps, 1), where="config.optim.encoder")
+
+  def init_state(self, rng: jax.Array) -> MoCoState:
+    c = self.config
+    encoder = build_encoder(c)
+    init_key, queue_key, train_key = jax.random.split(rng, 3)
+    size = c.aug.crop_size
+    variables = jax.jit(functools.partial(encoder.init, train=False))(
+        init_key, jnp.zeros((2, size, size, c.data.channels), jnp.float32))
+    params, stats = variables["params"], variables["batch_stats"]
+    queue = _normalize(jax.random.normal(queue_key, (c.moco.queue_size, c.model.head_dim)))
+    return MoCoState(
+        step=jnp.zeros((), jnp.int32), rng=train_key, params=params, batch_stats=stats,
+        # Copies: the state is donated to each step, so nothing may alias.
+        key_params=jax.tree.map(jnp.copy, params), key_batch_stats=jax.tree.map(jnp.copy, stats),
+        opt=self.optimizer().init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32))
+
+  def make_step(self) -> method_lib.StepFn:
+    c = self.config
+    encoder = build_encoder(c)
+    tx = self.optimizer()
+    lr_at = optim.learning_rate_schedule(c.optim.encoder, steps_per_epoch=self.steps_per_epoch,
+                                         total_steps=max(self.total_steps, 1))
+    global_batch, group_size = c.train.batch_size, c.model.bn_group_size
+    nda_fn = (negative.build_nda(nda_spec(c.nda), axis_name=parallel.AXIS)
+              if c.nda.enabled else None)
+    aug = functools.partial(positive.mocov2_aug, out_size=c.aug.crop_size,
+                            scale=tuple(c.aug.scale), jitter=tuple(c.aug.jitter),
+                            p_jitter=c.aug.p_jitter, p_gray=c.aug.p_gray,
+                            blur_sigma=tuple(c.aug.blur_sigma), p_blur=c.aug.p_blur,
+                            p_flip=c.aug.p_flip)
+
+    def views(key, images, b):
+      return aug(parallel.per_example_keys(key, b), images)
+
+    def encode(params, stats, x, groups):
+      (features, projection), mutated = encoder.apply(
+          {"params": params, "batch_stats": stats}, normalize_input(c, x), train=True,
+          groups=groups, mutable=["batch_stats"])
+      return _normalize(projection), mutated["batch_stats"], features
+
+    def step(state: MoCoState, batch: dict) -> tuple[MoCoState, dict]:
+      images = parallel.to_float(batch["image"])
+      b = images.shape[0]
+      key = jax.random.fold_in(state.rng, state.step)
+      query_view = views(jax.random.fold_in(key, 0), images, b)
+      key_view = views(jax.random.fold_in(key, 1), images, b)
+
+      # The key encoder moves first (MoCo's _momentum_update_key_encoder), then encodes.
+      m = c.moco.momentum
+      key_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.key_params,
+                                state.params)
+      k, key_stats, _ = encode(key_params, state.key_batch_stats, key_view,
+                               batch_norm.key_groups(jax.random.fold_in(key, 2), b, group_size,
+                                                     global_batch))
+      k = jax.lax.stop_gradient(k)
+
+      nda_k = None
+      if nda_fn is not None:
+        nda_keys = parallel.per_example_keys(jax.random.fold_in(key, 3), b)
+        if c.nda.source == "query_view":
+          nda_view = nda_fn(nda_keys, query_view)
+        else:   # 'image': the NDA first, then its own positive augmentation.
+          nda_view = views(jax.random.fold_in(key, 4), nda_fn(nda_keys, images), b)
+        # Its own BN groups; its running-average update is dropped (real images only).
+        nda_k, _, _ = encode(key_params, state.key_batch_stats, nda_view,
+                             batch_norm.key_groups(jax.random.fold_in(key, 5), b, group_size,
+                                                   global_batch))
+        nda_k = jax.lax.stop_gradient(nda_k)
+        nda_for_loss = (jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)
+                        if c.nda.scope == "batch" else nda_k)
+
+      def loss_fn(params):
+        q, stats, _ = encode(params, state.batch_stats, query_view,
+                             batch_norm.query_groups(b, group_size, global_batch))
+        if nda_k is None:
+          loss, metrics = losses.moco_infonce(q, k, state.queue, None,
+                                              temperature=c.moco.temperature)
+        else:
+          loss, metrics = losses.moco_infonce(q, k, state.queue, nda_for_loss,
+                                              temperature=c.moco.temperature,
+                                              nda_scope=c.nda.scope, nda_weight=c.nda.weight)
+        return loss, (metrics, stats)
+
+      (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
+      grads = jax.lax.pmean(grads, parallel.AXIS)
+      updates, opt = tx.update(grads, state.opt, state.params)
+      params = optax.apply_updates(state.params, updates)
+
+      # Enqueue the whole global batch's keys (in global order), oldest out.
+      new_keys = jax.lax.all_gather(k, parallel.AXIS, tiled=True)
+      if nda_k is not None and c.nda.enqueue:
+        new_keys = jnp.concatenate(
+            [new_keys, jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)])
+      queue = jax.lax.dynamic_update_slice(state.queue, new_keys.astype(state.queue.dtype),
+                                           (state.queue_ptr, 0))
+      queue_ptr = (state.queue_ptr + new_keys.shape[0]) % state.queue.shape[0]
+
+      metrics = jax.lax.pmean(metrics, parallel.AXIS)
+      metrics["lr"] = lr_at(state.step)
+      new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                key_params=key_params, key_batch_stats=key_stats, opt=opt,
+                                queue=queue, queue_ptr=queue_ptr)
+      return new_state, metrics
+
+    return step
+
+  # ---------------------------------------------------------------- evaluation
+  def make_eval_fns(self, dp: parallel.DataParallel) -> dict[str, Callable[..., Any]]:
+    """embed_fn(state, uint8 images): pooled backbone features of the query encoder
+    in inference mode (running BN averages), sharded over the mesh."""
+    return {"embed_fn": make_embedder(self.config, dp)}
+
+
+def center_crop(images: jax.Array, size: int) -> jax.Array:
+  """The central size x size of larger host images (torchvision's Resize(256) + CenterCrop(224)
+  when the host decodes at 256 and views are 224)."""
+  h, w = images.shape[1:3]
+  if h < size or w < size:
+    raise ValueError(f"images of {h}x{w} are smaller than config.aug.crop_size={size}")
+  top, left = (h - size) // 2, (w - size) // 2
+  return images[:, top:top + size, left:left + size]
+
+
+def make_embedder(config: ml_collections.ConfigDict,
+                  dp: parallel.DataParallel | None = None) -> Callable[..., jax.Array]:
+  """`embed(state_or_variables, uint8 images) -> [B, F]` backbone features (before the head).
+
+  Takes a MoCoState (query encoder) or {'params', 'batch_stats'} of a MocoEncoder.
+  """
+  encoder = build_encoder(config)
+
+  def embed(state, images_u8: jax.Array) -> jax.Array:
+    if isinstance(state, MoCoState):
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+    else:
+      variables = state
+    x = normalize_input(config, center_crop(parallel.to_float(images_u8), config.aug.crop_size))
+    features, _ = encoder.apply(variables, x, train=False)
+    return features
+
+  if dp is None:
+    return jax.jit(embed)
+  batch = jax.sharding.PartitionSpec(parallel.AXIS)
+  mapped = dp.map_fn(embed, in_specs=(jax.sharding.PartitionSpec(), batch), out_specs=batch)
+  # This process's host batch -> one global array over the mesh.
+  return lambda state, images_u8: mapped(state, dp.shard_batch(images_u8))
