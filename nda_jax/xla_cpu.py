@@ -2,10 +2,8 @@
 
 jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and on x86
 CPUs without AVX-512 those run 2-3x slower than XLA's own kernels for the
-forward pass and input gradient, and 5-50x slower for the weight gradient
-(2-core AMD EPYC, AVX2: 3x3 conv, 64->64 channels at 32x32, batch 192: forward
-389 -> 145 ms, input gradient 370 -> 152 ms; the paper's NDA-GAN iteration at
-ch=16 7.3 -> ~5.3 s). `bench/conv_grad.py` measures both settings.
+forward pass and input gradient, and far slower for the weight gradient.
+`bench/conv_grad.py` measures both settings (README, "Measured", has figures).
 
 XLA reads XLA_FLAGS once, when its first backend starts, so `nda_jax/__init__`
 calls `keep_convolutions_off_ynnpack()` on import, before any computation. A

@@ -1,6 +1,7 @@
 """Embedded demo data: scikit-learn's 8x8 handwritten digits, no download.
 
-The only real images available offline (see JAX_NOTES section 8), so the demo
+The only real labelled images a package ships (no dataset can be downloaded
+here at run time: docs/offline.md), so the demo
 configs and the tests train on them. Images are upsampled to `size`x`size`
 RGB uint8 to match the CIFAR-shaped models; "moving digits" clips give the
 video trainers (DPC, video NDA) a tiny real dataset as well.

@@ -2,9 +2,9 @@
 
 On CPU, two things decide how fast a conv trains. First, jaxlib 0.10's XLA:CPU
 runs convolutions on YNNPACK, several times slower than its own kernels on
-AVX2 CPUs, and its weight gradient (dW) at 2-7 GFLOP/s; `nda_jax.xla_cpu`
-turns that off on import, after which XLA's forward, input gradient and dW of
-3x3 convs run at 50-120 GFLOP/s, like PyTorch's. Second, XLA:CPU's dW is
+AVX2 CPUs, its weight gradient (dW) most of all; `nda_jax.xla_cpu` turns that
+off on import, after which XLA's 3x3 convs run about as fast as PyTorch's
+(bench/conv_grad.py; figures in README). Second, XLA:CPU's dW is
 still slow for 1x1 convs and for convs with few output channels (a generator's
 RGB output). There a matmul does better. dW contracts each kernel tap's input
 pixels with dy over batch and space:
