@@ -9,13 +9,22 @@ import jax
 import jax.numpy as jnp
 
 
+def _one_key_ndim(rng: jax.Array) -> int:
+  return 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1
+
+
+def is_one_key(rng: jax.Array) -> bool:
+  """True for one key, False for a batch of keys."""
+  rng = jnp.asarray(rng)
+  return rng.ndim == _one_key_ndim(rng)
+
+
 def sample_keys(rng: jax.Array, batch_size: int) -> jax.Array:
   """B per-sample keys from one key, or the B keys passed in."""
   rng = jnp.asarray(rng)
-  one_key_ndim = 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1
-  if rng.ndim == one_key_ndim:
+  if is_one_key(rng):
     return jax.random.split(rng, batch_size)
-  if rng.ndim == one_key_ndim + 1 and rng.shape[0] == batch_size:
+  if rng.ndim == _one_key_ndim(rng) + 1 and rng.shape[0] == batch_size:
     return rng
   raise ValueError(
       f"rng must be one PRNG key or {batch_size} keys (one per sample), got "

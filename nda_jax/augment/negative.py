@@ -1,25 +1,47 @@
 """Image negative data augmentations (NDA), on device.
 
-Every NDA has the signature `fn(rng, images, **params) -> images` for a batch
-`[B, H, W, C]` of floats in [-1, 1] (float32 or bfloat16): pure, shape- and
-dtype-preserving, jit- and vmap-able, no Python loop over the batch. Static
-parameters (sizes, angles, flags) are Python values fixed at trace time.
+Every NDA has the signature `fn(rng, images, **params, axis_name=None) ->
+images` for a batch `[B, H, W, C]` of floats in [-1, 1] (float32 or
+bfloat16): pure, shape- and dtype-preserving, jit- and vmap-able, no Python
+loop over the batch. Static parameters (sizes, angles, flags) are Python
+values fixed at trace time.
 
 Randomness (one convention, `split_rng`):
-  * `rng` is ONE key: it is split into B per-sample keys;
+  * `rng` is ONE key: it is split into one key per sample of the batch;
   * `rng` is an array of B keys: key i drives sample i. The trainer folds them
-    from the global example index, so an NDA without a partner image gives
-    sample i the same output however the batch is split over devices.
-Batch-level randomness (the partner assignment, or `per_sample=False` draws)
-comes from a key folded out of the first sample key.
+    from the global example index.
+Batch-level randomness (the partner assignment, `per_sample=False` draws)
+comes from the batch key, folded from the key of sample 0.
+
+Device-count independence (`axis_name`): inside a per-device step (shard_map
+or pmap over the mesh axis `axis_name`), `images` is this device's shard of
+the global batch and `rng` its per-sample keys, or one key that is the same
+on every device. Every sample then gets exactly what one call on the whole
+batch outside a mesh gives it, on any number of devices:
+  * the batch key is folded from the key of GLOBAL sample 0, which every
+    device gets by all-gathering the first key of each shard (one key per
+    device); one key is split over the global batch, each device taking the
+    keys of its slice;
+  * partners follow a permutation of the GLOBAL batch, drawn identically on
+    every device from the batch key, and are read by global index from the
+    global batch, which each device all-gathers
+    (`jax.lax.all_gather(..., tiled=True)`).
+Why all-gather: the derangement is drawn at run time and sends an image to
+any device, while a ppermute's pattern is fixed at trace time; an all-gather
+is one collective that any draw can index, and the code path stays the one of
+a single call. The cost is one copy of the global NDA input on every device:
+B x H x W x C values, 6 MiB for 512 CIFAR-10 images in float32, small next
+to a discriminator's activations (a mixture gathers once per partner NDA).
+NDAs without partners gather no images. With `axis_name=None` the shard is
+the whole batch: a single call, no mesh.
 
 Partner images (stitch, mixup, cutmix, mosaic) follow a random cyclic
 derangement of the batch (`partner_indices`): nobody is its own partner when
 B >= 2. The official code used `torch.randperm`, which can pair an image with
 itself; we deliberately do not.
 
-Semantics and defaults follow the official `train_fns_aug.py` (PAPER.md §1);
-each docstring notes where, and why, a form differs.
+Semantics and defaults follow the official `train_fns_aug.py` of
+ermongroup/NDA; each docstring notes where, and why, a form differs.
 """
 from collections.abc import Callable, Mapping
 import functools
@@ -32,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nda_jax.augment.keys import sample_keys
+from nda_jax.augment import keys as keys_lib
 
 Array = jax.Array
 NDA = Callable[..., Array]
@@ -50,14 +72,39 @@ ROTATE_INTERPOLATIONS = ("bilinear", "nearest")
 # ----------------------------------------------------------------------------
 # Shared helpers (also used by video.py).
 # ----------------------------------------------------------------------------
-def split_rng(rng: Array, batch_size: int) -> tuple[Array, Array]:
-  """(B per-sample keys, one batch key) from one key or from B per-sample keys.
+def split_rng(rng: Array, batch_size: int,
+              axis_name: str | None = None) -> tuple[Array, Array]:
+  """(per-sample keys of this shard, the batch key) from one key or B keys.
 
-  The batch key is folded from the first sample key, so it is a function of
-  the keys of this batch only.
+  `batch_size` is the shard's size. The batch key is folded from the key of
+  global sample 0, so it is the same on every device and for any device
+  count (see the module docstring).
   """
-  keys = sample_keys(rng, batch_size)
-  return keys, jax.random.fold_in(keys[0], _BATCH_SALT)
+  if axis_name is None:
+    keys = keys_lib.sample_keys(rng, batch_size)
+    first = keys[0]
+  elif keys_lib.is_one_key(rng):
+    all_keys = keys_lib.sample_keys(rng, batch_size * jax.lax.axis_size(axis_name))
+    keys = jax.lax.dynamic_slice_in_dim(
+        all_keys, jax.lax.axis_index(axis_name) * batch_size, batch_size)
+    first = all_keys[0]
+  else:
+    keys = keys_lib.sample_keys(rng, batch_size)
+    first = jax.lax.all_gather(keys[:1], axis_name, tiled=True)[0]
+  return keys, jax.random.fold_in(first, _BATCH_SALT)
+
+
+def global_batch(x: Array, axis_name: str | None) -> tuple[Array, Array]:
+  """(the global batch, global indices of this shard's samples).
+
+  Inside a per-device step, all-gathers the shards along `axis_name`;
+  outside, the shard is the whole batch.
+  """
+  b = x.shape[0]
+  if axis_name is None:
+    return x, jnp.arange(b)
+  return (jax.lax.all_gather(x, axis_name, tiled=True),
+          jax.lax.axis_index(axis_name) * b + jnp.arange(b))
 
 
 def fold_keys(keys: Array, data: int) -> Array:
@@ -170,7 +217,8 @@ def jigsaw_from_perms(x: Array, perms: Array, k: int,
   return out.reshape(b, h, w, c)
 
 
-def jigsaw(rng: Array, x: Array, k: int = 2, layout: str = "official") -> Array:
+def jigsaw(rng: Array, x: Array, k: int = 2, layout: str = "official", *,
+           axis_name: str | None = None) -> Array:
   """k x k jigsaw with a per-sample non-identity patch permutation.
 
   layout="official" (default) is bit-for-bit the mapping of the official
@@ -183,18 +231,21 @@ def jigsaw(rng: Array, x: Array, k: int = 2, layout: str = "official") -> Array:
   keys are the same and only the placement differs.
   """
   check_images(x)
-  keys, _ = split_rng(rng, x.shape[0])
+  keys, _ = split_rng(rng, x.shape[0], axis_name)
   return jigsaw_from_perms(x, nonidentity_permutations(keys, k * k), k, layout)
 
 
 # ----------------------------------------------------------------------------
 # NDAs with a partner image.
 # ----------------------------------------------------------------------------
-def _partners(x: Array, batch_key: Array) -> Array:
-  return jnp.take(x, partner_indices(batch_key, x.shape[0]), axis=0)
+def partners(x: Array, batch_key: Array, axis_name: str | None = None) -> Array:
+  """The partner of each sample of this shard, along a derangement of the global batch."""
+  x_all, index = global_batch(x, axis_name)
+  return jnp.take(x_all, partner_indices(batch_key, x_all.shape[0])[index], axis=0)
 
 
-def stitch(rng: Array, x: Array, k: int = 2, per_sample: bool = True) -> Array:
+def stitch(rng: Array, x: Array, k: int = 2, per_sample: bool = True, *,
+           axis_name: str | None = None) -> Array:
   """First k//2 of k strips from the image, the rest from its partner.
 
   Strips are horizontal (top from the image) or vertical (left from the
@@ -205,25 +256,27 @@ def stitch(rng: Array, x: Array, k: int = 2, per_sample: bool = True) -> Array:
   b, h, w, _ = x.shape
   _check_divisible(h, k, "stitch")
   _check_divisible(w, k, "stitch")
-  keys, batch_key = split_rng(rng, b)
+  keys, batch_key = split_rng(rng, b, axis_name)
   vertical = _per_sample_or_batch(jax.random.bernoulli, keys, batch_key, per_sample)
   rows = jnp.arange(h)[:, None] < (k // 2) * (h // k)
   cols = jnp.arange(w)[None, :] < (k // 2) * (w // k)
   own = jnp.where(vertical[:, None, None], cols, rows)[..., None]
-  return jnp.where(own, x, _partners(x, batch_key))
+  return jnp.where(own, x, partners(x, batch_key, axis_name))
 
 
-def mixup(rng: Array, x: Array, alpha: float = 25.0, per_sample: bool = True) -> Array:
+def mixup(rng: Array, x: Array, alpha: float = 25.0, per_sample: bool = True, *,
+          axis_name: str | None = None) -> Array:
   """lam * x + (1 - lam) * partner, lam ~ Beta(alpha, alpha).
 
   per_sample=False draws one lam for the batch, as the official `mixup`
   (called there with alpha=25, which keeps lam close to 0.5).
   """
   check_images(x)
-  keys, batch_key = split_rng(rng, x.shape[0])
+  keys, batch_key = split_rng(rng, x.shape[0], axis_name)
   lam = _per_sample_or_batch(lambda key: jax.random.beta(key, alpha, alpha),
                              keys, batch_key, per_sample)[:, None, None, None]
-  out = lam * x.astype(jnp.float32) + (1.0 - lam) * _partners(x, batch_key).astype(jnp.float32)
+  partner = partners(x, batch_key, axis_name).astype(jnp.float32)
+  out = lam * x.astype(jnp.float32) + (1.0 - lam) * partner
   return out.astype(x.dtype)
 
 
@@ -237,7 +290,8 @@ def _box_mask(top: Array, bottom: Array, left: Array, right: Array,
   return inside[..., None]
 
 
-def cutmix(rng: Array, x: Array, beta: float = 1.0, per_sample: bool = True) -> Array:
+def cutmix(rng: Array, x: Array, beta: float = 1.0, per_sample: bool = True, *,
+           axis_name: str | None = None) -> Array:
   """Pastes a box of the partner into the image (CutMix `rand_bbox` rule).
 
   lam ~ Beta(beta, beta); the box has half-sides int(H * sqrt(1 - lam)) // 2
@@ -247,7 +301,7 @@ def cutmix(rng: Array, x: Array, beta: float = 1.0, per_sample: bool = True) -> 
   """
   check_images(x)
   b, h, w, _ = x.shape
-  keys, batch_key = split_rng(rng, b)
+  keys, batch_key = split_rng(rng, b, axis_name)
 
   def draw_box(key):
     k_lam, k_y, k_x = jax.random.split(key, 3)
@@ -260,10 +314,10 @@ def cutmix(rng: Array, x: Array, beta: float = 1.0, per_sample: bool = True) -> 
             jnp.clip(cx - half_w, 0, w), jnp.clip(cx + half_w, 0, w))
 
   box = _per_sample_or_batch(draw_box, keys, batch_key, per_sample)
-  return jnp.where(_box_mask(*box, h, w), _partners(x, batch_key), x)
+  return jnp.where(_box_mask(*box, h, w), partners(x, batch_key, axis_name), x)
 
 
-def mosaic(rng: Array, x: Array, k: int = 2) -> Array:
+def mosaic(rng: Array, x: Array, k: int = 2, *, axis_name: str | None = None) -> Array:
   """k x k grid whose cells come from the same cell of different images.
 
   Along the random B-cycle of `partner_indices`, cell c of sample i comes
@@ -276,20 +330,23 @@ def mosaic(rng: Array, x: Array, k: int = 2) -> Array:
   b, h, w, _ = x.shape
   _check_divisible(h, k, "mosaic")
   _check_divisible(w, k, "mosaic")
-  keys, batch_key = split_rng(rng, b)
-  order = jax.random.permutation(batch_key, b)
-  position = jnp.argsort(order)  # position of sample i along the cycle
+  keys, batch_key = split_rng(rng, b, axis_name)
+  x_all, index = global_batch(x, axis_name)
+  n = x_all.shape[0]
+  order = jax.random.permutation(batch_key, n)
+  position = jnp.argsort(order)[index]  # position of each sample along the cycle
   offsets = jax.vmap(lambda key: jax.random.permutation(key, k * k))(keys)
-  source = order[(position[:, None] + offsets) % b]  # [B, k*k]
+  source = order[(position[:, None] + offsets) % n]  # [B, k*k] global indices
   cell = (np.arange(h)[:, None] // (h // k)) * k + np.arange(w)[None, :] // (w // k)
   pixel_source = source[:, cell]  # [B, H, W]
-  return x[pixel_source, np.arange(h)[:, None], np.arange(w)[None, :]]
+  return x_all[pixel_source, np.arange(h)[:, None], np.arange(w)[None, :]]
 
 
 # ----------------------------------------------------------------------------
 # NDAs on one image.
 # ----------------------------------------------------------------------------
-def cutout(rng: Array, x: Array, min_size: int = 10, max_size: int = 20) -> Array:
+def cutout(rng: Array, x: Array, min_size: int = 10, max_size: int = 20, *,
+           axis_name: str | None = None) -> Array:
   """Replaces one square per sample by its per-channel mean (official `rand_blur`).
 
   Side floor(U[min_size, max_size)), clipped to min(H, W) for small images;
@@ -297,7 +354,7 @@ def cutout(rng: Array, x: Array, min_size: int = 10, max_size: int = 20) -> Arra
   """
   check_images(x)
   b, h, w, _ = x.shape
-  keys, _ = split_rng(rng, b)
+  keys, _ = split_rng(rng, b, axis_name)
 
   def draw_box(key):
     k_size, k_y, k_x = jax.random.split(key, 3)
@@ -347,7 +404,7 @@ def _rotation_taps(h: int, w: int, angle: float, interpolation: str):
 
 
 def rotate(rng: Array, x: Array, angle: float = 60.0, fill: float = -1.0,
-           interpolation: str = "bilinear") -> Array:
+           interpolation: str = "bilinear", *, axis_name: str | None = None) -> Array:
   """Rotates every image counter-clockwise by a fixed `angle` (degrees) about its center.
 
   `rng` is unused (the official NDA is deterministic). Pixels from outside the
@@ -359,7 +416,7 @@ def rotate(rng: Array, x: Array, angle: float = 60.0, fill: float = -1.0,
   is nearest, after a uint8 conversion that wraps negative values; bilinear
   on the float image is the faithful-in-spirit, loss-free form.
   """
-  del rng
+  del rng, axis_name
   check_images(x)
   if interpolation not in ROTATE_INTERPOLATIONS:
     raise ValueError(f"Unknown interpolation {interpolation!r}; choose one of "
@@ -376,7 +433,8 @@ def rotate(rng: Array, x: Array, angle: float = 60.0, fill: float = -1.0,
 
 
 def shift(rng: Array, x: Array, min_shift: int = 10, max_shift: int = 25,
-          per_sample: bool = True, exact_roll: bool = True) -> Array:
+          per_sample: bool = True, exact_roll: bool = True, *,
+          axis_name: str | None = None) -> Array:
   """Cyclic roll by s = floor(U[min_shift, max_shift)) pixels along H and W.
 
   The official `shifted` (defined, unused in training) draws one s per batch
@@ -386,7 +444,7 @@ def shift(rng: Array, x: Array, min_shift: int = 10, max_shift: int = 25,
   """
   check_images(x)
   b, h, w, _ = x.shape
-  keys, batch_key = split_rng(rng, b)
+  keys, batch_key = split_rng(rng, b, axis_name)
   s = _per_sample_or_batch(lambda key: _uniform_int(key, min_shift, max_shift),
                            keys, batch_key, per_sample)
   rows = (jnp.arange(h)[None, :] - s[:, None]) % h  # roll: out[i] = x[(i - s) % n]
@@ -422,25 +480,32 @@ def _to_dict(value: Any) -> dict[str, Any]:
 
 
 def _bind(registry: Mapping[str, NDA], name: str, kwargs: Mapping[str, Any],
-          skip: int) -> Callable[[Array, Array], Array]:
-  """registry[name] with `kwargs` bound, after checking their names."""
+          axis_name: str | None) -> Callable[[Array, Array], Array]:
+  """registry[name] with `kwargs` and `axis_name` bound, after checking the names.
+
+  Config parameters are those after (rng, images); the keyword-only
+  `axis_name` belongs to the caller, not to the config.
+  """
   fn = registry[name]
-  valid = list(inspect.signature(fn).parameters)[skip:]
+  valid = [p.name for p in list(inspect.signature(fn).parameters.values())[2:]
+           if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
   unknown = sorted(set(kwargs) - set(valid))
   if unknown:
     raise ValueError(f"Unknown parameter(s) {unknown} for NDA {name!r}; valid: {valid}.")
-  return lambda rng, x: fn(rng, x, **kwargs)
+  return lambda rng, x: fn(rng, x, **kwargs, axis_name=axis_name)
 
 
 def build_from_registry(cfg: Any, registry: Mapping[str, NDA], rank: int,
-                        ) -> Callable[[Array, Array], Array]:
+                        axis_name: str | None = None) -> Callable[[Array, Array], Array]:
   """`build_nda` for any registry (shared by the image and video builders).
 
   cfg: `name` ('a' or 'a+b+...'), optional `probs` (one per name, default
   uniform) and `params` ({name: kwargs}; entries of registered NDAs that are
   not in `name` are ignored, so a config can switch NDA by name alone).
   Several names: each sample takes the output of one NDA, chosen from its own
-  sample key with `probs`.
+  sample key with `probs`. `axis_name`: the mesh axis of the per-device step
+  the returned function is called in (None: called on the whole batch); see
+  the module docstring.
   """
   cfg = _to_dict(cfg)
   unknown_fields = sorted(set(cfg) - {"name", "probs", "params"})
@@ -458,7 +523,7 @@ def build_from_registry(cfg: Any, registry: Mapping[str, NDA], rank: int,
   stray = sorted(set(params) - set(registry))
   if stray:  # params of other registered NDAs are kept, so --config.nda.name can switch
     raise ValueError(f"params given for unknown NDA(s) {stray}; choose from {sorted(registry)}.")
-  fns = [_bind(registry, n, _to_dict(params.get(n)), skip=2) for n in names]
+  fns = [_bind(registry, n, _to_dict(params.get(n)), axis_name) for n in names]
   probs = cfg.get("probs")
   probs = np.full(len(names), 1.0 / len(names)) if probs is None else np.asarray(probs, float)
   if probs.shape != (len(names),) or np.any(probs < 0) or probs.sum() <= 0:
@@ -470,7 +535,7 @@ def build_from_registry(cfg: Any, registry: Mapping[str, NDA], rank: int,
 
   def apply(rng: Array, x: Array) -> Array:
     check_images(x, rank)
-    keys, _ = split_rng(rng, x.shape[0])
+    keys, _ = split_rng(rng, x.shape[0], axis_name)
     choice = jax.vmap(lambda k: jax.random.categorical(k, log_probs))(
         fold_keys(keys, _CHOICE_SALT))
     choice = choice.reshape((-1,) + (1,) * (rank - 1))
@@ -482,10 +547,12 @@ def build_from_registry(cfg: Any, registry: Mapping[str, NDA], rank: int,
   return apply
 
 
-def build_nda(cfg: Any) -> Callable[[Array, Array], Array]:
+def build_nda(cfg: Any, axis_name: str | None = None) -> Callable[[Array, Array], Array]:
   """Image NDA `fn(rng, images)` from a config (see `build_from_registry`).
 
   Example: {'name': 'jigsaw+cutout', 'probs': [0.75, 0.25],
-            'params': {'jigsaw': {'k': 2}}}.
+            'params': {'jigsaw': {'k': 2}}}. Inside a per-device step, pass
+  the mesh axis as `axis_name` so the result does not depend on the device
+  count.
   """
-  return build_from_registry(cfg, NDAS, rank=4)
+  return build_from_registry(cfg, NDAS, rank=4, axis_name=axis_name)

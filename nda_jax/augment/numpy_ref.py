@@ -1,6 +1,6 @@
 """NumPy re-implementations of the official NDA functions, sample by sample.
 
-Straight translations of `train_fns_aug.py` (PAPER.md §1) to NHWC numpy with
+Straight translations of ermongroup/NDA `train_fns_aug.py` to NHWC numpy with
 the official per-sample Python loops: the oracle for the tests of
 `negative.py` and the baseline of `bench/augment.py`. Randomness comes from a
 `np.random.Generator`; the tests pass the random choices explicitly where a
