@@ -5,6 +5,7 @@ The PyTorch side is a minimal re-implementation of ermongroup/NDA `BigGAN_new`
 `stored_var`) and spectral-norm / batch-norm semantics, written for this test.
 """
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from nda_jax import trainers
 from nda_jax.importers import biggan_pytorch
 from nda_jax.models import biggan
 from nda_jax.trainers import gan
@@ -332,25 +334,45 @@ def test_paper_checkpoint_keys_all_used():
     biggan_pytorch.convert_generator(g_sd, g.clone(n_classes=1))
 
 
-def test_command_line_writes_a_checkpoint_the_trainer_loads(tmp_path):
-  """`python -m nda_jax.importers.biggan_pytorch` on the demo config's model -> step-0 checkpoint."""
+def test_command_line_import_then_sample_then_eval(tmp_path):
+  """README's sequence: importer -> sample -> eval on the imported workdir, from the command line.
+
+  The importer leaves a complete workdir (config.json + step-0 checkpoint) whose weights
+  are the converted state_dicts; `sample` and `eval` (fd_digits, no Inception offline) read it.
+  """
   spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
-  config = demo.get_config("tiny")  # ch=4, 16x16, 10 classes, dim_z=32
+  config = demo.get_config()  # ch=8, 16x16, 10 classes, dim_z=32, evals.fd_digits
   tg = _randomize(TorchG(config.model.ch, 10, n_blocks=2, dim_z=config.model.dim_z), seed=3)
   td = _randomize(TorchD(config.model.ch, 10, downsample=(True, False, False, False)), seed=4)
   torch.save(tg.state_dict(), tmp_path / "G_ema.pth")
   torch.save(td.state_dict(), tmp_path / "D.pth")
   workdir = tmp_path / "run"
-  subprocess.run([sys.executable, "-m", "nda_jax.importers.biggan_pytorch", f"--G={tmp_path}/G_ema.pth",
-                  f"--D={tmp_path}/D.pth", "--config=configs/demo.py:tiny", f"--workdir={workdir}"],
-                 check=True, cwd=REPO, timeout=300)
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True,
+                                     text=True, cwd=REPO, timeout=600)
+  proc = run("nda_jax.importers.biggan_pytorch", f"--G={tmp_path}/G_ema.pth",
+             f"--D={tmp_path}/D.pth", "--config=configs/demo.py", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "config.json").exists()
 
-  state = gan.load_state(config, str(workdir))
+  _, _, state = trainers.load_run(str(workdir))
   generator, discriminator = gan.build_models(config, axis_name=None)
   want_g = biggan_pytorch.convert_generator(_numpy_state(tg), generator)
   want_d = biggan_pytorch.convert_discriminator(_numpy_state(td), discriminator)
   _close_trees(state.g_params, want_g["params"], rtol=0, atol=0)
   _close_trees(state.ema_stats, want_g["batch_stats"], rtol=0, atol=0)
   _close_trees(state.d_stats, want_d["batch_stats"], rtol=0, atol=0)
+
+  proc = run("nda_jax.sample", f"--workdir={workdir}", "--num=16", f"--out={tmp_path}/s.npz")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  samples = np.load(tmp_path / "s.npz")
+  assert samples["images"].shape == (16, 16, 16, 3) and samples["images"].dtype == np.uint8
+  proc = run("nda_jax.eval", f"--workdir={workdir}", "--config.evals.fd_digits.num_samples=64")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((workdir / "eval.json").read_text())
+  assert result["step"] == 0 and np.isfinite(result["metrics"]["fd_digits"])
+  # Importing again into the same workdir refuses to overwrite it.
+  proc = run("nda_jax.importers.biggan_pytorch", f"--G={tmp_path}/G_ema.pth",
+             f"--D={tmp_path}/D.pth", "--config=configs/demo.py", f"--workdir={workdir}")
+  assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
