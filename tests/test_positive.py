@@ -291,3 +291,80 @@ def test_video_one_draw_per_clip():
     np.testing.assert_allclose(y[:, t], y[:, 0], atol=1e-6)
   # Identical clips still get their own draws.
   assert all(not np.allclose(y[0], y[i]) for i in range(1, 4))
+
+
+# --- DPC clip augmentation -------------------------------------------------------
+def _dpc(clips, seed=0, **kw):
+  kw = {"out_size": 8, "crop_size": 8, "jitter": (0, 0, 0, 0), "p_gray": 0.0, **kw}
+  return np.asarray(jax.jit(functools.partial(positive.dpc_aug_video, **kw))(
+      jax.random.key(seed), clips))
+
+
+def _find_crop(frame_out, frame_in, size):
+  """(top, left, flipped) of the size x size crop of frame_in that frame_out is."""
+  hits = []
+  for top in range(frame_in.shape[0] - size + 1):
+    for left in range(frame_in.shape[1] - size + 1):
+      crop = frame_in[top:top + size, left:left + size]
+      for flipped, c in ((False, crop), (True, crop[:, ::-1])):
+        if np.allclose(frame_out, c, atol=1e-5):
+          hits.append((top, left, flipped))
+  return hits
+
+
+def test_dpc_crop_and_flip_are_one_draw_per_clip():
+  clips = _images(shape=(8, 3, 10, 10, 3))      # every frame different
+  y = _dpc(clips, p_flip=0.5)
+  assert y.shape == (8, 3, 8, 8, 3)
+  draws = []
+  for i in range(8):
+    (hit,) = _find_crop(y[i, 0], np.asarray(clips[i, 0]), 8)
+    for t in (1, 2):                             # the same box and flip on every frame
+      top, left, flipped = hit
+      crop = np.asarray(clips[i, t, top:top + 8, left:left + 8])
+      np.testing.assert_allclose(y[i, t], crop[:, ::-1] if flipped else crop, atol=1e-5)
+    draws.append(hit)
+  assert len({d[:2] for d in draws}) > 1 and len({d[2] for d in draws}) == 2
+
+
+def test_dpc_crop_is_resized_to_out_size():
+  clips = _images(shape=(2, 2, 12, 12, 3))
+  y = _dpc(clips, out_size=6, crop_size=12, p_flip=0.0)   # the whole frame, halved
+  assert y.shape == (2, 2, 6, 6, 3)
+  # Antialiased bilinear halving: a triangle filter widened to the input pixel pitch of 2.
+  dist = np.abs(np.arange(12)[None] + 0.5 - 2 * (np.arange(6)[:, None] + 0.5)) / 2
+  weights = np.maximum(1 - dist, 0)
+  weights /= weights.sum(1, keepdims=True)
+  halved = np.einsum("yh,xw,bthwc->btyxc", weights, weights, np.asarray(clips))
+  np.testing.assert_allclose(y, halved, atol=1e-5)
+  with pytest.raises(ValueError, match="crop_size"):
+    _dpc(clips, crop_size=13)
+
+
+def test_dpc_gray_copies_one_channel_per_frame():
+  clips = _images(shape=(4, 16, 8, 8, 3))
+  y = _dpc(clips, p_gray=1.0, p_flip=0.0)
+  x = np.asarray(clips)
+  channels = []
+  for i in range(4):
+    for t in range(16):
+      (c,) = [c for c in range(3)
+              if np.allclose(y[i, t], x[i, t, :, :, c:c + 1], atol=1e-6)]
+      channels.append(c)
+  assert set(channels) == {0, 1, 2}              # drawn per frame
+  gray = _dpc(clips, p_gray=0.5, p_flip=0.0)
+  is_gray = np.all(gray == gray[..., :1], axis=(2, 3, 4))   # [B, T]
+  assert 0.25 < is_gray.mean() < 0.75
+  assert is_gray.any(axis=1).all() and (~is_gray).any(axis=1).all()   # mixed within clips
+
+
+def test_dpc_jitter_is_drawn_per_frame():
+  frame = _images(shape=(8, 8, 3), low=-0.5, high=0.0)      # no brightness factor clips
+  clips = jnp.broadcast_to(frame, (2, 6, 8, 8, 3))          # still clips
+  y = _unit(_dpc(clips, jitter=(0.5, 0, 0, 0), p_flip=0.0))
+  u = _unit(frame)
+  factors = (y / u).reshape(2, 6, -1)
+  np.testing.assert_allclose(factors, factors[..., :1] * np.ones_like(factors), rtol=1e-4)
+  factors = factors[..., 0]
+  assert factors.min() >= 0.5 - 1e-5 and factors.max() <= 1.5 + 1e-5
+  assert len(np.unique(np.round(factors, 4))) == 12         # every frame its own factor

@@ -1,4 +1,4 @@
-"""On-device MoCo-v2 "aug+" positive views.
+"""On-device positive views: MoCo-v2 "aug+" and DPC's clip augmentation.
 
 Reproduces the torchvision pipeline of facebookresearch/moco `main_moco.py`
 with `--aug-plus`:
@@ -11,6 +11,8 @@ with `--aug-plus`:
 
 as pure, jit- and vmap-able JAX functions, so that the two views of a batch
 are built inside the compiled train step instead of on the host.
+`dpc_aug_video` builds Dense Predictive Coding's training clips from the same
+ops (crop and flip per clip, grayscale and colour jitter per frame).
 
 Contract (shared with `negative.py`): `fn(rng, images, ...) -> images` for
 `[B, H, W, C]` float images in [-1, 1], C = 3 or 1; video variants take
@@ -105,15 +107,29 @@ def _check_images(x: jax.Array, rank: int, what: str) -> None:
                      f"axis); got shape {x.shape}.")
 
 
-def _apply(rng: jax.Array, x: jax.Array, op: _Op, *,
-           video: bool) -> jax.Array:
-  """Runs `op` per sample (per clip for video: one draw for all frames)."""
+def _apply(rng: jax.Array, x: jax.Array, op: _Op, *, video: bool,
+           frame_op: _Op | None = None) -> jax.Array:
+  """Runs `op` per sample (per clip for video: one draw for all frames).
+
+  Video only: `frame_op` then runs on every frame with draws of its own,
+  taken from the same per-clip `uniform` call after `op`'s.
+  """
   _check_images(x, 5 if video else 4, "clips [B,T,H,W,C]" if video
                 else "images [B,H,W,C]")
-  u = _per_sample_uniforms(rng, x.shape[0], op.num_uniforms)
-  per_item = jax.vmap(op.fn, in_axes=(None, 0)) if video else op.fn
+  per_frame = 0 if frame_op is None else frame_op.num_uniforms
+  num_frames = x.shape[1] if video else 0
+  u = _per_sample_uniforms(rng, x.shape[0],
+                           op.num_uniforms + num_frames * per_frame)
+
+  def per_clip(u, clip):
+    clip = jax.vmap(op.fn, in_axes=(None, 0))(u[:op.num_uniforms], clip)
+    if frame_op is None:
+      return clip
+    frame_u = u[op.num_uniforms:].reshape(num_frames, per_frame)
+    return jax.vmap(frame_op.fn)(frame_u, clip)
+
   unit = (x.astype(jnp.float32) + 1.0) * 0.5
-  out = jax.vmap(per_item)(u, unit)
+  out = jax.vmap(per_clip if video else op.fn)(u, unit)
   return jnp.clip(out * 2.0 - 1.0, -1.0, 1.0).astype(x.dtype)
 
 
@@ -462,3 +478,44 @@ def mocov2_aug_video(rng: jax.Array, clips: jax.Array, out_size: Size, *,
   op = _mocov2_op(out_size, scale, ratio, jitter, p_jitter, p_gray,
                   blur_sigma, blur_kernel_size, p_blur, p_flip)
   return _apply(rng, clips, op, video=True)
+
+
+# ---------------------------------------------------------------------------
+# Dense Predictive Coding (DPC).
+# ---------------------------------------------------------------------------
+def _fixed_crop_op(crop_hw: tuple[int, int], out_hw: tuple[int, int]) -> _Op:
+  """A crop_hw box at a uniform position, resized to out_hw (RandomCrop + Scale)."""
+  def fn(u, x):
+    height, width = x.shape[:2]
+    if crop_hw[0] > height or crop_hw[1] > width:
+      raise ValueError(f"crop_size {crop_hw} is larger than the {height}x{width} frames.")
+    box = jnp.stack([_randint(u[0], height - crop_hw[0] + 1),
+                     _randint(u[1], width - crop_hw[1] + 1), *crop_hw])
+    return _resized_crop(x, box, out_hw)
+  return _Op(2, fn)
+
+
+# DPC's RandomGray: one random channel copied to all channels ("channel
+# splitting, not strictly grayscale", its docstring says); 1 channel: no-op.
+_CHANNEL_GRAY = _Op(1, lambda u, x: jnp.broadcast_to(
+    jnp.take(x, _randint(u[0], x.shape[-1]), axis=-1)[..., None], x.shape))
+
+
+def dpc_aug_video(rng: jax.Array, clips: jax.Array, out_size: Size, *,
+                  crop_size: Size,
+                  jitter: Sequence[float] = (0.5, 0.5, 0.5, 0.25),
+                  p_gray: float = 0.5, p_flip: float = 0.5) -> jax.Array:
+  """DPC's UCF-101 training view of `[B,T,H,W,C]` clips -> `[B,T,*out_size,C]`.
+
+  TengdaHan/DPC `dpc/main.py`: RandomHorizontalFlip and RandomCrop(224)
+  consistent over the clip, Scale(128), then per frame RandomGray(p=0.5)
+  and ColorJitter(0.5, 0.5, 0.5, 0.25) (DPC's ColorJitter defaults to
+  `consistent=False`: every frame draws its own factors and order). The
+  crop is `crop_size` at a uniform position; the resize is bilinear and
+  antialiased where DPC's Scale is PIL nearest.
+  """
+  clip_op = _compose((_random_apply(_check_prob("p_flip", p_flip), _FLIP),
+                      _fixed_crop_op(_size_hw(crop_size), _size_hw(out_size))))
+  frame_op = _compose((_random_apply(_check_prob("p_gray", p_gray), _CHANNEL_GRAY),
+                       _jitter_op(jitter)))
+  return _apply(rng, clips, clip_op, video=True, frame_op=frame_op)
