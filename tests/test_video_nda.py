@@ -9,7 +9,11 @@ import pytest
 from nda_jax.augment import negative
 from nda_jax.augment import video
 
-B, T, H, W, C = 6, 4, 8, 8, 2
+B, T, H, W, C = 6, 10, 8, 8, 2  # T: 2 blocks of the default block_len 5
+DETERMINISTIC = ("temporal_reverse", "block_reverse")
+# NDAs that change every block of a clip with distinct frames (DPC negatives).
+FRAME_LEVEL = ("spatial_jigsaw", "frame_jigsaw", "block_frame_shuffle", "block_reverse",
+               "temporal_reverse")
 
 
 def _clips(b=B, t=T, h=H, w=W, c=C, seed=0):
@@ -41,7 +45,7 @@ def test_contract_shape_dtype_jit_determinism(name):
   np.testing.assert_array_equal(np.asarray(jitted), eager)
   assert np.any(eager != np.asarray(x))
   np.testing.assert_array_equal(np.asarray(fn(key, x)), eager)
-  if name != "temporal_reverse":
+  if name not in DETERMINISTIC:
     assert not np.array_equal(np.asarray(fn(jax.random.key(2), x)), eager)
   keys, _ = negative.split_rng(key, B)
   np.testing.assert_array_equal(np.asarray(fn(keys, x)), eager)
@@ -52,7 +56,7 @@ def test_contract_shape_dtype_jit_determinism(name):
 
 
 @pytest.mark.parametrize("name", ("spatial_jigsaw", "frame_jigsaw", "temporal_shuffle",
-                                  "temporal_reverse"))
+                                  "temporal_reverse", "block_frame_shuffle", "block_reverse"))
 def test_per_sample_key_result_does_not_depend_on_rest_of_batch(name):
   fn = video.VIDEO_NDAS[name]
   x = jnp.asarray(_clips())
@@ -125,6 +129,71 @@ def test_temporal_reverse_reverses_frames():
                                 x[:, ::-1])
 
 
+def _frame_ids(n, t):
+  """Clips whose frame t holds the value t in every pixel."""
+  return np.broadcast_to(np.arange(t, dtype=np.float32)[None, :, None, None, None],
+                         (n, t, 2, 2, 1))
+
+
+@pytest.mark.parametrize("block_len,t", [(3, 6), (5, 40)])
+def test_block_frame_shuffle_permutes_frames_within_each_block(block_len, t):
+  n, num_blocks = 128, t // block_len
+  key = jax.random.key(0)
+  src = np.asarray(video.block_frame_shuffle(key, jnp.asarray(_frame_ids(n, t)),
+                                             block_len=block_len))[:, :, 0, 0, 0].astype(int)
+  blocks = src.reshape(n, num_blocks, block_len)
+  own = np.arange(t).reshape(num_blocks, block_len)
+  # The frames of each block, in another order: never the identity, never from another block.
+  assert np.all(np.sort(blocks, axis=-1) == own)
+  assert not np.any(np.all(blocks == own, axis=-1))
+  # Whole frames move: the same key moves the frames of any clip the same way.
+  x = _clips(b=n, t=t, h=2, w=2, c=1)
+  out = np.asarray(video.block_frame_shuffle(key, jnp.asarray(x), block_len=block_len))
+  np.testing.assert_array_equal(out, x[np.arange(n)[:, None], src])
+  if block_len == 3:  # 5 non-identity permutations, independent per block and clip
+    perms = [tuple(p) for p in (blocks - own[None, :, :1]).reshape(-1, block_len)]
+    counts = {p: perms.count(p) for p in set(perms)}
+    assert len(counts) == 5 and min(counts.values()) > 25  # mean 51
+    same = np.mean(np.all(blocks[:, 0] == blocks[:, 1] - block_len, axis=-1))
+    assert 0.08 < same < 0.35  # 1/5 for independent blocks
+
+
+@pytest.mark.parametrize("block_len", (2, 5))
+def test_block_reverse_reverses_frames_within_each_block(block_len):
+  x = _clips()
+  out = np.asarray(video.block_reverse(None, jnp.asarray(x), block_len=block_len))
+  t = np.arange(T)
+  src = (t // block_len) * block_len + block_len - 1 - t % block_len
+  np.testing.assert_array_equal(out, x[:, src])
+
+
+@pytest.mark.parametrize("name", FRAME_LEVEL)
+def test_frame_level_ndas_leave_no_real_block(name):
+  # DPC clips of 8 blocks x 5 frames with distinct frames: no block of an NDA clip
+  # equals any block of any real clip.
+  b, blocks, block_len = 4, 8, 5
+  x = _clips(b=b, t=blocks * block_len, h=2, w=2, c=1)
+  out = np.asarray(video.VIDEO_NDAS[name](jax.random.key(1), jnp.asarray(x)))
+  real = {blk.tobytes() for blk in x.reshape(b * blocks, block_len, -1)}
+  assert not real & {blk.tobytes() for blk in out.reshape(b * blocks, block_len, -1)}
+
+
+def test_static_blocks_are_unchanged_by_the_temporal_ndas():
+  # The documented limit: a block of identical frames is its own shuffle and reversal.
+  x = np.repeat(_clips(b=2, t=1), T, axis=1)
+  for fn in (video.block_frame_shuffle, video.block_reverse):
+    np.testing.assert_array_equal(np.asarray(fn(jax.random.key(0), jnp.asarray(x))), x)
+
+
+@pytest.mark.parametrize("name", ("block_frame_shuffle", "block_reverse"))
+def test_block_ndas_reject_block_len_not_dividing_t(name):
+  fn = video.VIDEO_NDAS[name]
+  with pytest.raises(ValueError, match="block_len=3 must divide the clip length T=10"):
+    fn(jax.random.key(0), jnp.zeros((2, 10, 2, 2, 1)), block_len=3)
+  with pytest.raises(ValueError, match=">= 2"):
+    fn(jax.random.key(0), jnp.zeros((2, 10, 2, 2, 1)), block_len=1)
+
+
 def test_clip_stitch_is_prefix_of_clip_and_suffix_of_partner():
   n, t = 64, 4
   x = _clips(b=n, t=t, h=2, w=2, c=1)
@@ -147,9 +216,25 @@ def test_build_video_nda_errors_and_mixture():
     video.build_video_nda({"name": "jigsaw"})
   with pytest.raises(ValueError, match=r"'k'.*valid: \['block'\]"):
     video.build_video_nda({"name": "temporal_shuffle", "params": {"temporal_shuffle": {"k": 2}}})
+  with pytest.raises(ValueError, match=r"'block'.*valid: \['block_len'\]"):
+    video.build_video_nda({"name": "block_reverse", "params": {"block_reverse": {"block": 2}}})
   n = 1000
   x = _clips(b=n, t=3, h=1, w=1, c=1)
   fn = video.build_video_nda({"name": "temporal_reverse+clip_stitch", "probs": [0.6, 0.4]})
   out = np.asarray(jax.jit(fn)(jax.random.key(0), jnp.asarray(x)))
   reversed_ = np.all(out == x[:, ::-1], axis=(1, 2, 3, 4))
   assert abs(reversed_.mean() - 0.6) < 0.05
+
+
+def test_build_video_nda_mixes_frame_level_ndas_with_their_params():
+  n, t = 200, 4
+  x = _clips(b=n, t=t, h=2, w=2, c=1)
+  fn = video.build_video_nda({"name": "block_reverse+spatial_jigsaw",
+                              "params": {"block_reverse": {"block_len": 2}}})
+  out = np.asarray(jax.jit(fn)(jax.random.key(0), jnp.asarray(x)))
+  reversed_ = np.all(out == x[:, [1, 0, 3, 2]], axis=(1, 2, 3, 4))
+  # Spatial jigsaw: frames in place, the pixels of each frame permuted.
+  jigsawed = np.all(np.sort(out.reshape(n, t, -1), -1) == np.sort(x.reshape(n, t, -1), -1),
+                    axis=(1, 2)) & np.any(out != x, axis=(1, 2, 3, 4))
+  assert np.all(reversed_ ^ jigsawed)
+  assert 0.35 < reversed_.mean() < 0.65
