@@ -245,7 +245,8 @@ def test_errors_name_the_path_and_the_layout(ucf, hmdb, tmp_path):
   with pytest.raises(ValueError, match="testlist01.txt: line 'Gamma/v_Gamma_g02_c01.avi'"):
     sources.make_source(_cfg("ucf101", ucf, splits_dir=str(bad)), "test")
   for kw, split, match in ((dict(split_number=4), "train", "split_number=4"),
-                           ({}, "val", "'train', 'test'"),
+                           ({}, "val", "set --config.data.val_fraction"),
+                           ({}, "dev", "'train', 'val', 'test'"),
                            ({}, "test:all", "'random', 'dense'"),
                            (dict(frame_stride=0), "train", "frame_stride")):
     with pytest.raises(ValueError, match=match):

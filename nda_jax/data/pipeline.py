@@ -141,15 +141,22 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, global_batch_size: int,
 class _EvalBatches:
   """Batch j of `source` at `indices` (index -1: a zero example, mask False).
 
-  Whole batches are the records, so grain workers cannot split one (each
-  worker would otherwise batch its own examples and leave partial batches).
+  Every integer key of the examples goes along ('label', and e.g. 'video',
+  which video-level evaluation averages over), zero in padding rows; the keys
+  are those of the split's first example. Whole batches are the records, so
+  grain workers cannot split one (each worker would otherwise batch its own
+  examples and leave partial batches).
   """
 
   def __init__(self, source: sources.Source, indices: np.ndarray, batch_size: int):
     self._source = source
     self._indices = indices.reshape(-1, batch_size)
+    first = source[0] if len(source) else {"label": np.int32(0)}
+    self._int_keys = sorted({"label"} | {k for k, v in first.items() if k != "image"
+                                         and np.issubdtype(np.asarray(v).dtype, np.integer)
+                                         and np.ndim(v) == 0})
     self._blank = {"image": np.zeros(source.element_shape, np.uint8),
-                   "label": np.int32(0)}
+                   **{k: np.int32(0) for k in self._int_keys}}
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -158,7 +165,7 @@ class _EvalBatches:
     rows = self._indices[j]
     examples = [self._source[int(i)] if i >= 0 else self._blank for i in rows]
     return {"image": np.stack([e["image"] for e in examples]),
-            "label": np.array([e["label"] for e in examples], np.int32),
+            **{k: np.array([e[k] for e in examples], np.int32) for k in self._int_keys},
             "mask": rows >= 0}
 
   def __repr__(self) -> str:
@@ -166,16 +173,17 @@ class _EvalBatches:
 
 
 class EvalData:
-  """Re-iterable: each pass yields the split once, plus `mask` [b] (bool)."""
+  """Re-iterable: each pass yields the split once: 'image', 'label', the examples' other
+  integer keys (int32 [b]) and `mask` [b] (bool)."""
 
   def __init__(self, loader: gp.DataLoader, source: sources.Source,
-               batch_size: int, num_batches: int):
+               batch_size: int, num_batches: int, num_examples: int):
     self._loader = loader
     self.source = source
     self.batch_size = batch_size
     self.num_classes = source.num_classes
     self.element_shape = tuple(source.element_shape)
-    self.num_examples = len(source)
+    self.num_examples = num_examples
     self._num_batches = num_batches
 
   def __len__(self) -> int:
@@ -190,20 +198,28 @@ class EvalData:
 
 def make_eval_iterator(cfg: ml_collections.ConfigDict, split: str,
                        batch_size: int, *, process_index: int | None = None,
-                       process_count: int | None = None) -> EvalData:
-  """Every example of `split` once, in order, over padded global batches.
+                       process_count: int | None = None,
+                       examples: np.ndarray | None = None) -> EvalData:
+  """Every example of `split` (or those at the indices `examples`) once, in order,
+  over padded global batches.
 
-  Process p reads the p-th contiguous block of ceil(N / process_count)
-  examples; `batch_size` is global, as in training.
+  Process p reads the p-th contiguous block of ceil(N / process_count) of the
+  N examples; `batch_size` is global, as in training. `examples` (increasing
+  indices into the split) reads a subset without decoding the rest.
   """
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(batch_size, process_count)
   source = sources.make_source(cfg, split)
-  n = len(source)
+  selected = np.arange(len(source)) if examples is None else np.asarray(examples, np.int64)
+  if selected.ndim != 1 or np.any(np.diff(selected) <= 0) or (
+      len(selected) and not 0 <= selected[0] <= selected[-1] < len(source)):
+    raise ValueError(f"examples must be increasing indices into the {len(source)} examples of "
+                     f"{source!r}")
+  n = len(selected)
   per_process = math.ceil(n / process_count)
   num_batches = math.ceil(per_process / local)
   start = process_index * per_process
-  mine = np.arange(start, min(start + per_process, n))
+  mine = selected[start:min(start + per_process, n)]
   indices = np.full(num_batches * local, -1, np.int64)
   indices[:len(mine)] = mine
   batches = _EvalBatches(source, indices, local)
@@ -212,4 +228,4 @@ def make_eval_iterator(cfg: ml_collections.ConfigDict, split: str,
       sampler=gp.IndexSampler(len(batches), gp.NoSharding(), shuffle=False,
                               num_epochs=1),
       worker_count=_worker_count(cfg))
-  return EvalData(loader, source, local, num_batches)
+  return EvalData(loader, source, local, num_batches, n)

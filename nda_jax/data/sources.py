@@ -26,10 +26,10 @@ Config keys read by `make_source(cfg, split)` (others are ignored):
   class_list    image_folder: optional file of class folder names (ImageNet-100).
   num_frames    moving_digits (default 8); ucf101/hmdb51: frames per clip (required).
   digit_size    moving_digits (default 16).
-  frame_stride, split_number, splits_dir, clips_per_video, clip_seed
-                ucf101/hmdb51 (defaults 1, 1, 'splits' next to data_dir, 1, 0):
+  frame_stride, split_number, splits_dir, clips_per_video, clip_seed, val_fraction
+                ucf101/hmdb51 (defaults 1, 1, 'splits' next to data_dir, 1, 0, 0):
                 see video_frames.py, which also defines their split names
-                ('train', 'test', 'train:dense', 'test:random').
+                ('train', 'val', 'test', 'train:dense', 'test:random').
 """
 from collections.abc import Callable
 import os
@@ -233,7 +233,8 @@ def _video_frames(name):
         num_frames=_required(cfg, "num_frames"), image_size=_required(cfg, "image_size"),
         frame_stride=cfg.get("frame_stride", 1), split_number=cfg.get("split_number", 1),
         splits_dir=cfg.get("splits_dir"), resize_size=cfg.get("resize_size"),
-        clips_per_video=cfg.get("clips_per_video", 1), clip_seed=cfg.get("clip_seed", 0))
+        clips_per_video=cfg.get("clips_per_video", 1), clip_seed=cfg.get("clip_seed", 0),
+        val_fraction=cfg.get("val_fraction", 0.0))
   return factory
 
 

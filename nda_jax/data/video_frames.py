@@ -21,14 +21,26 @@ at stride 3, i.e. num_frames=40, frame_stride=3), spanning
 folder or shorter than one clip are skipped and counted in the log (DPC drops
 short videos too; it asks for num_frames * frame_stride + 1 frames).
 
-Split names are '<list>[:<sampling>]': list 'train' or 'test', sampling
+Split names are '<list>[:<sampling>]': list 'train', 'val' or 'test', sampling
   random  one clip per example at a uniformly drawn start (default for train);
   dense   the clips starting every (num_frames // 2) * frame_stride frames, so
           consecutive clips share half their frames, plus one ending on the
-          last frame so that together they cover the video (default for test:
-          the protocol averages the softmax over the clips of each video).
+          last frame so that together they cover the video (default for test
+          and val: the protocol averages the softmax over the clips of each
+          video).
 Every example carries 'video', its index into `source.videos`, for that
 average (also `source.video_index(i)`, which decodes nothing).
+
+Validation: `val_fraction` > 0 holds out part of the official TRAIN list as
+list 'val' (for choosing checkpoints; DPC chose them on a sample of the test
+list), and list 'train' is the rest. Whole groups are held out, per class: a
+UCF-101 group (`v_<Class>_gXX_*`, clips of one actor and scene, which the
+official splits never divide between train and test either), an HMDB-51
+video. Each class with at least two groups gives round(val_fraction x its
+groups) of them, at least one and never all, drawn with a fixed seed from the
+list file alone (not from which frame folders exist), so the held-out videos
+are the same on every machine. val_fraction = 0 (default) keeps the whole
+train list and has no 'val'.
 
 A random start is a function of (`clip_seed`, example index) alone: grain
 hands a source the record index without the epoch, and a start drawn this
@@ -52,12 +64,14 @@ import numpy as np
 from nda_jax.data import image_folder
 
 DATASETS = ("ucf101", "hmdb51")
-LISTS = ("train", "test")
+LISTS = ("train", "val", "test")
 SAMPLINGS = ("random", "dense")
 SPLIT_NUMBERS = (1, 2, 3)
-_DEFAULT_SAMPLING = {"train": "random", "test": "dense"}
+_DEFAULT_SAMPLING = {"train": "random", "val": "dense", "test": "dense"}
 _HMDB_TYPE = {"train": "1", "test": "2"}
 _FRAME = re.compile(r"image_(\d{5,})\.jpg")
+_UCF_GROUP = re.compile(r"(.*_g\d+)_c\d+")
+_VAL_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +110,7 @@ def howto(dataset: str, data_dir: str, splits_dir: str, split_number: int) -> st
 
 
 def parse_split(split: str) -> tuple[str, str]:
-  """'train' -> ('train', 'random'); 'test' -> ('test', 'dense'); 'test:random' ..."""
+  """'train' -> ('train', 'random'); 'test' / 'val' -> (.., 'dense'); 'test:random' ..."""
   which, _, sampling = split.partition(":")
   sampling = sampling or _DEFAULT_SAMPLING.get(which, "")
   if which not in LISTS or sampling not in SAMPLINGS:
@@ -182,13 +196,48 @@ def _example(names: list[str]) -> str:
   return f" (e.g. {names[0]!r})" if names else ""
 
 
+def video_group(dataset: str, name: str) -> str:
+  """What a validation split holds out whole: a UCF-101 group ('<class>/v_<Class>_gXX'),
+  an HMDB-51 video."""
+  match = _UCF_GROUP.fullmatch(name) if dataset == "ucf101" else None
+  return match.group(1) if match else name
+
+
+def validation_groups(dataset: str, listed: list[tuple[str, int]],
+                      val_fraction: float) -> set[str]:
+  """The groups of a train list (`[(name, label)]`) held out for validation (see the top)."""
+  by_class: dict[int, set[str]] = {}
+  for name, label in listed:
+    by_class.setdefault(label, set()).add(video_group(dataset, name))
+  held = set()
+  for label, groups in sorted(by_class.items()):
+    if len(groups) < 2:
+      continue
+    count = min(max(round(val_fraction * len(groups)), 1), len(groups) - 1)
+    order = np.random.default_rng([_VAL_SEED, label]).permutation(len(groups))
+    held.update(np.array(sorted(groups))[order[:count]].tolist())
+  return held
+
+
 def list_videos(dataset: str, data_dir: str, splits_dir: str, split_number: int,
-                which: str, min_frames: int) -> tuple[list[Video], list[str]]:
-  """The videos of an official list with at least `min_frames` frames, and the classes."""
+                which: str, min_frames: int,
+                val_fraction: float = 0.0) -> tuple[list[Video], list[str]]:
+  """The videos of a list ('train', 'val', 'test') with at least `min_frames` frames,
+  and the classes."""
   layout = howto(dataset, data_dir, splits_dir, split_number)
+  if not 0 <= val_fraction < 1:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
+  if which == "val" and not val_fraction:
+    raise ValueError(f"Split 'val' is a held-out part of the {dataset} train list: set "
+                     f"--config.data.val_fraction (e.g. 0.1) to make one.")
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"{dataset} frame folder {data_dir!r} does not exist. {layout}")
-  listed, classes = _READERS[dataset](splits_dir, split_number, which, layout)
+  listed, classes = _READERS[dataset](splits_dir, split_number,
+                                      "test" if which == "test" else "train", layout)
+  if which != "test" and val_fraction:
+    held = validation_groups(dataset, listed, val_fraction)
+    listed = [(name, label) for name, label in listed
+              if (video_group(dataset, name) in held) == (which == "val")]
   videos, missing, short = [], [], []
   for name, label in listed:
     n = count_frames(os.path.join(data_dir, name))
@@ -202,6 +251,8 @@ def list_videos(dataset: str, data_dir: str, splits_dir: str, split_number: int,
             f"{len(short)} with fewer than the {min_frames} frames of one clip"
             f"{_example(short)}")
   what = f"{dataset} {which} list of split {split_number}"
+  if which != "test" and val_fraction:
+    what += f" (val_fraction={val_fraction})"
   if not videos:
     raise ValueError(f"No usable video in the {what}: of {len(listed)} listed, "
                      f"{counts}. {layout}")
@@ -242,7 +293,7 @@ class VideoFramesSource:
   def __init__(self, dataset: str, data_dir: str, split: str, *, num_frames: int,
                image_size: int, frame_stride: int = 1, split_number: int = 1,
                splits_dir: str | None = None, resize_size: int | None = None,
-               clips_per_video: int = 1, clip_seed: int = 0):
+               clips_per_video: int = 1, clip_seed: int = 0, val_fraction: float = 0.0):
     if dataset not in DATASETS:
       raise ValueError(f"Unknown video dataset {dataset!r}; choose one of {DATASETS}.")
     if split_number not in SPLIT_NUMBERS:
@@ -255,7 +306,7 @@ class VideoFramesSource:
     which, sampling = parse_split(split)
     videos, classes = list_videos(
         dataset, data_dir, splits_dir or default_splits_dir(data_dir), split_number,
-        which, clip_span(num_frames, frame_stride))
+        which, clip_span(num_frames, frame_stride), val_fraction)
     self.videos = tuple(videos)
     self.classes = tuple(classes)
     self.num_classes = len(classes)
@@ -271,10 +322,13 @@ class VideoFramesSource:
     else:
       self._video = np.repeat(np.arange(len(self.videos)), clips_per_video)
       self._start = None
+    # val_fraction only when set: grain compares this at restore, and runs from
+    # before it existed must resume.
+    held_out = f"val_fraction={val_fraction}, " if val_fraction else ""
     self._desc = (f"{dataset}, split={which}:{sampling}, split_number={split_number}, "
                   f"num_frames={num_frames}, frame_stride={frame_stride}, "
                   f"image_size={image_size}, resize_size={resize_size}, "
-                  f"clips_per_video={clips_per_video}, clip_seed={clip_seed}, "
+                  f"clips_per_video={clips_per_video}, clip_seed={clip_seed}, {held_out}"
                   f"videos={len(self.videos)}")
 
   def __len__(self) -> int:
