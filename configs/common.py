@@ -182,3 +182,80 @@ def moco_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = "knn_top1"
   c.checkpoint.best_mode = "max"
   return c
+
+
+def video_classifier_config() -> ml_collections.ConfigDict:
+  """DPC's action recognition (eval/test.py, LC model, R18 at 128 px), UCF-101 split 1.
+
+  Fine-tuning of a DPC run (`pretrained_workdir`; '' = the untrained
+  baseline) with DPC's recipe: 8 blocks x 5 frames at stride 3, batch 128
+  (BN per 64 clips: DPC's README runs it on 2 GPUs), Adam 1e-3 with weight
+  decay 1e-3, encoder and ConvGRU at lr / 10, lr x0.1 at DPC's epochs
+  60/80/100 of 300. A clip's start is fixed per example, so each video is 10
+  examples with their own starts and an epoch here is 10 of DPC's
+  (boundaries 6/8/10 of 30). Checkpoints are chosen by video top-1 on a
+  held-out 10% of the training list ('val', whole UCF-101 groups), where DPC
+  chose them on the test list; 'test' (dense half-overlapping clips,
+  softmax averaged per video) is evaluated at the end, and on the chosen
+  checkpoint by `python -m nda_jax.eval --workdir=W --checkpoint=best --only=test`.
+  `mode='linear'`: frozen encoder and ConvGRU, only the head trains.
+  """
+  c = run_config("video_classifier", seed=0)
+  c.pretrained_workdir = ml_collections.FieldReference(None, field_type=str)  # a DPC workdir, or ''
+  c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
+  c.mode = "finetune"                   # or 'linear'
+  c.data = data_config("ucf101", image_size=240, num_classes=101)
+  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
+  c.data.num_frames = 40                # model.num_seq x model.seq_len
+  c.data.frame_stride = 3               # DPC's --ds 3
+  c.data.split_number = 1
+  c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.clips_per_video = 10
+  c.data.clip_seed = 0
+  c.data.val_fraction = 0.1             # of the training list's groups, held out as 'val'
+
+  c.model = ml_collections.ConfigDict()  # must match the pretrained run's architecture
+  c.model.depth = 18
+  c.model.width = 64                    # 256-d features
+  c.model.num_seq = 8                   # blocks per clip
+  c.model.seq_len = 5
+  c.model.gru_kernel = 1
+  c.model.gru_dropout = 0.1             # DPC's ConvGRU dropout, on while fine-tuning
+  c.model.head_dropout = 0.5
+  c.model.bn_group_size = 64
+  c.model.input_norm = "imagenet"
+  c.model.conv_impl = "auto"
+
+  c.aug = ml_collections.ConfigDict()   # DPC's fine-tuning views, one draw per clip
+  c.aug.crop_size = 224                 # evaluation: central 224 of the 240 px frames ...
+  c.aug.out_size = 128                  # ... scaled to 128 (the model's input)
+  c.aug.scale = (0.5, 1.0)              # RandomSizedCrop's area
+  c.aug.ratio = (3 / 4, 4 / 3)
+  c.aug.jitter = (0.5, 0.5, 0.5, 0.25)
+  c.aug.p_jitter = 0.3
+  c.aug.p_flip = 0.5
+
+  c.optim = optim.default_config("adam")
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 1e-3           # coupled, as torch.optim.Adam
+  c.optim.schedule = "steps"
+  c.optim.boundaries_epochs = (6, 8, 10)
+  c.optim.decay_factor = 0.1
+  c.optim.lr_mults = ml_collections.ConfigDict({"encoder": 0.1, "agg": 0.1})
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_epochs = 30
+  c.train.total_steps = 0
+  c.train.log_every = 50
+
+  c.evals.val = evaluators.default_config("video_classification")
+  c.evals.val.split = "val"
+  c.evals.val.every = 660               # ~one epoch: 10 x ~8.5k training videos / 128
+  c.evals.test = evaluators.default_config("video_classification")
+  c.evals.test.split = "test"
+  c.checkpoint.every = 660
+  c.checkpoint.keep_best = 1
+  c.checkpoint.best_metric = "val_video_top1"
+  c.checkpoint.best_mode = "max"
+  return c

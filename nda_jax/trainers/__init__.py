@@ -19,6 +19,7 @@ REGISTRY = {
     "moco": "nda_jax.trainers.moco:MoCo",
     "linear_probe": "nda_jax.trainers.linear_probe:LinearProbe",
     "dpc": "nda_jax.trainers.dpc:DPC",
+    "video_classifier": "nda_jax.trainers.video_classifier:VideoClassifier",
 }
 
 
