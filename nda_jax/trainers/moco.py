@@ -24,6 +24,7 @@ device count, and no key sees its query through batch statistics.
 import functools
 from typing import Any, Callable
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,21 @@ def nda_spec(nda_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 def _normalize(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """MoCo's ring buffer: `keys` [n, D] replace the n oldest rows, from row `ptr`.
+
+  Returns (queue, next ptr). K must be a multiple of n, so that a batch never
+  wraps around the end (dynamic_update_slice would clamp it and overwrite the
+  newest rows instead).
+  """
+  chex.assert_rank([queue, keys], 2)
+  chex.assert_equal_shape_suffix([queue, keys], 1)
+  if queue.shape[0] % keys.shape[0]:
+    raise ValueError(f"a queue of {queue.shape[0]} keys cannot take batches of {keys.shape[0]}")
+  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
+  return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
 class MoCo(method_lib.Method):
@@ -227,9 +243,7 @@ class MoCo(method_lib.Method):
       if nda_k is not None and c.nda.enqueue:
         new_keys = jnp.concatenate(
             [new_keys, jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)])
-      queue = jax.lax.dynamic_update_slice(state.queue, new_keys.astype(state.queue.dtype),
-                                           (state.queue_ptr, 0))
-      queue_ptr = (state.queue_ptr + new_keys.shape[0]) % state.queue.shape[0]
+      queue, queue_ptr = enqueue(state.queue, state.queue_ptr, new_keys)
 
       metrics = jax.lax.pmean(metrics, parallel.AXIS)
       metrics["lr"] = lr_at(state.step)
