@@ -1,0 +1,457 @@
+"""The MoCo method: queue, momentum encoder, BN groups on 1 vs 8 devices, NDA negatives,
+on-device views, main's exact resume with the kNN monitor, config validation.
+
+The step is observed through spies, not re-implemented: `losses.moco_infonce` and
+`moco.normalize_input` are wrapped (while the step is traced) to return what the step
+hands them -- the queries, keys, NDA keys and queue given to the loss, and the views
+given to the encoders -- gathered over the devices into the metrics. Spied programs
+are the same for every test of a config (compiled once, cached on disk).
+"""
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import demo_moco
+from nda_jax import checkpoint as ckpt_lib
+from nda_jax import losses
+from nda_jax import parallel
+from nda_jax import trainers
+from nda_jax.trainers import common
+from nda_jax.trainers import loop
+from nda_jax.trainers import moco
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, S, K = 32, 16, 64    # demo_moco:tiny's batch and image size; a queue of 2 batches
+SPY = "spy/"
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  c = demo_moco.get_config("tiny")
+  c.checkpoint.async_save = False
+  c.moco.queue_size = K
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+# The step programs of this module (each compiles once); 'variants' also turns off the
+# colour ops so that a view's geometry can be read back from a coordinate-ramp image.
+CONFIGS = {
+    "nda": {},
+    "weight0": {"nda.weight": 0.0},
+    "off": {"nda.enabled": False},
+    "variants": {"nda.scope": "batch", "nda.source": "image", "nda.enqueue": True,
+                 "aug.p_jitter": 0.0, "aug.p_gray": 0.0, "aug.p_blur": 0.0},
+}
+
+
+# ---------------------------------------------------------------- spies and runners
+def _gather(x):
+  return jax.lax.all_gather(x, parallel.AXIS, tiled=True)
+
+
+@contextlib.contextmanager
+def spying():
+  """While active, a traced MoCo step reports its loss inputs and views as metrics."""
+  real_loss, real_norm = losses.moco_infonce, moco.normalize_input
+  views = []
+
+  def normalize_input(config, images):
+    views.append(images)   # In call order: key view, [NDA view], query view.
+    return real_norm(config, images)
+
+  def moco_infonce(q, k, queue, nda_k, **kwargs):
+    loss, metrics = real_loss(q, k, queue, nda_k, **kwargs)
+    seen = {"q": _gather(q), "k": _gather(k), "queue": queue,
+            "key_view": _gather(views[0]), "query_view": _gather(views[-1])}
+    if nda_k is not None:
+      seen["nda_k"] = nda_k if kwargs["nda_scope"] == "batch" else _gather(nda_k)
+      seen["nda_view"] = _gather(views[1])
+    views.clear()
+    return loss, {**metrics, **{SPY + name: x for name, x in seen.items()}}
+
+  losses.moco_infonce, moco.normalize_input = moco_infonce, normalize_input
+  try:
+    yield
+  finally:
+    losses.moco_infonce, moco.normalize_input = real_loss, real_norm
+
+
+@functools.cache
+def runner(name: str, devices: int):
+  """(DataParallel, jitted step) of CONFIGS[name] on `devices` devices, built once."""
+  dp = parallel.DataParallel("shard_map", devices)
+  method = moco.MoCo(tiny_config(**CONFIGS[name]))
+  method.validate(dp.num_devices)
+  return dp, dp.step(method.make_step())
+
+
+@functools.cache
+def initial_state():
+  """The canonical initial state on the host (the same for every config here)."""
+  return jax.device_get(moco.MoCo(tiny_config()).init_state(jax.random.PRNGKey(0)))
+
+
+def random_images(step: int) -> np.ndarray:
+  return np.random.RandomState(step).randint(0, 256, (B, S, S, 3)).astype(np.uint8)
+
+
+def run_steps(name, devices, num=1, state=None, images=random_images):
+  """`num` steps; (host states after each step, host metrics, the devices each step used)."""
+  dp, step = runner(name, devices)
+  carry = dp.put_state(initial_state() if state is None else state)
+  states, metrics, used = [], [], []
+  for i in range(num):
+    batch = dp.shard_batch({"image": images(i)})
+    assert batch["image"].dtype == np.uint8   # The host sends uint8; views are made on device.
+    with spying():
+      carry, m = step(carry, batch)
+    jax.block_until_ready(m)
+    shard_rows = {s.data.shape[0] for s in batch["image"].addressable_shards}
+    used.append((len(batch["image"].sharding.device_set), shard_rows,
+                 len(carry.queue.sharding.device_set)))
+    states.append(jax.device_get(dp.get_state(carry)))
+    metrics.append(jax.device_get(m))
+  return states, metrics, used
+
+
+@pytest.fixture(scope="module")
+def nda_1():
+  return run_steps("nda", 1, num=3)
+
+
+@pytest.fixture(scope="module")
+def nda_8():
+  return run_steps("nda", 8, num=3)
+
+
+def numpy_infonce(seen, temperature, weight=0.0, scope=None):
+  """MoCo's InfoNCE from the formula (float64), over the global batch."""
+  q, k, queue = (np.asarray(seen[SPY + n], np.float64) for n in ("q", "k", "queue"))
+  logits = [np.sum(q * k, -1, keepdims=True), q @ queue.T]
+  if scope is not None:
+    nda = np.asarray(seen[SPY + "nda_k"], np.float64)
+    sims = np.sum(q * nda, -1, keepdims=True) if scope == "own" else q @ nda.T
+    logits.append(sims + temperature * np.log(weight))
+  logits = np.concatenate(logits, -1) / temperature
+  top = logits.max(-1)
+  lse = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+  return float(np.mean(lse - logits[:, 0]))
+
+
+def leaves(tree):
+  return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in
+          jax.tree_util.tree_leaves_with_path(tree)]
+
+
+# ---------------------------------------------------------------- the queue
+def test_enqueue_is_a_ring_buffer_of_the_last_keys():
+  rng = np.random.default_rng(0)
+  n, size, dim = 4, 12, 5
+  queue, ptr = rng.standard_normal((size, dim)).astype(np.float32), np.int32(0)
+  pushed = []
+  fn = jax.jit(moco.enqueue)
+  for _ in range(5):   # 5 batches of 4 into 12 rows: wraps around once.
+    keys = rng.standard_normal((n, dim)).astype(np.float32)
+    pushed.append(keys)
+    queue, ptr = fn(queue, ptr, keys)
+  last = np.concatenate(pushed)[-size:]    # oldest first
+  queue, ptr = np.asarray(queue), int(ptr)
+  assert ptr == (5 * n) % size == 8
+  np.testing.assert_array_equal(np.concatenate([queue[ptr:], queue[:ptr]]), last)
+  with pytest.raises(ValueError, match="queue of 12 keys cannot take batches of 5"):
+    moco.enqueue(queue, ptr, np.zeros((5, dim), np.float32))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_queue_holds_the_last_k_keys_in_order(devices, nda_1, nda_8):
+  states, metrics, _ = nda_1 if devices == 1 else nda_8
+  keys = [m[SPY + "k"] for m in metrics]
+  assert keys[0].shape == (B, tiny_config().model.head_dim)   # the global batch
+  # The loss sees the queue as it was before the step (MoCo enqueues after the logits).
+  # (Spied arrays went through the step's pmean of the metrics: equal to float round-off.)
+  for before, m in zip([initial_state()] + states, metrics):
+    np.testing.assert_allclose(m[SPY + "queue"], before.queue, rtol=0, atol=1e-6)
+  # K = 2B, 3 steps: the ring holds steps 2 and 3 (oldest first from the pointer).
+  final = states[-1]
+  ptr = int(final.queue_ptr)
+  assert ptr == (3 * B) % K == B
+  ring = np.concatenate([final.queue[ptr:], final.queue[:ptr]])
+  np.testing.assert_allclose(ring, np.concatenate(keys[1:]), rtol=0, atol=1e-6)
+  # The keys are distinct unit vectors, so a wrong order or a stale row cannot pass.
+  np.testing.assert_allclose(np.linalg.norm(ring, axis=-1), 1.0, atol=1e-5)
+  assert np.abs(keys[1] - keys[2]).max() > 0.1
+
+
+# ---------------------------------------------------------------- momentum encoder
+def _perturbed(tree, seed, scale):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (x + scale * (np.std(x) + 1e-3) * rng.standard_normal(x.shape)).astype(x.dtype),
+      tree)
+
+
+def test_momentum_update_comes_first_and_key_encoder_gets_no_gradient(nda_1):
+  m = tiny_config().moco.momentum
+  base = nda_1[0][0]   # after one step: the query encoder has moved away from the key encoder
+  start = base.replace(key_params=_perturbed(base.key_params, 1, 0.1))
+  (after,), (seen,), _ = run_steps("nda", 1, state=start)
+  for (name, k0), (_, q0), (_, q1), (_, k1) in zip(
+      leaves(start.key_params), leaves(start.params), leaves(after.params),
+      leaves(after.key_params)):
+    expected = m * k0.astype(np.float64) + (1 - m) * q0
+    scale = np.abs(k0).max() + 1e-3
+    np.testing.assert_allclose(k1, expected, rtol=0, atol=1e-6 * scale, err_msg=name)
+  # The query encoder is trained (SGD moved it), and with the pre-step query params above:
+  # the updated ones would not do.
+  moved = [not np.allclose(a, b) for (_, a), (_, b) in zip(leaves(start.params),
+                                                          leaves(after.params))]
+  assert all(moved)
+  post = [m * k0 + (1 - m) * q1 for (_, k0), (_, q1) in zip(leaves(start.key_params),
+                                                           leaves(after.params))]
+  wrong = [not np.allclose(k1, p, rtol=0, atol=1e-6 * (np.abs(p).max() + 1e-3))
+           for (_, k1), p in zip(leaves(after.key_params), post)]
+  assert np.mean(wrong) > 0.5
+
+  # Keys come from the UPDATED key encoder: two states whose key encoders differ but
+  # update to the same one (K + e with Q - e m/(1-m)) give the same keys...
+  e = jax.tree.map(lambda a, b: a - b, _perturbed(start.key_params, 2, 0.01), start.key_params)
+  same = start.replace(key_params=jax.tree.map(lambda k, d: k + d, start.key_params, e),
+                       params=jax.tree.map(lambda q, d: (q - d * m / (1 - m)).astype(q.dtype),
+                                           start.params, e))
+  (_,), (seen_same,), _ = run_steps("nda", 1, state=same)
+  np.testing.assert_allclose(seen_same[SPY + "k"], seen[SPY + "k"], rtol=0, atol=2e-4)
+  # ... while the same change of the key encoder alone changes them.
+  other = start.replace(key_params=same.key_params)
+  (_,), (seen_other,), _ = run_steps("nda", 1, state=other)
+  assert np.abs(seen_other[SPY + "k"] - seen[SPY + "k"]).max() > 1e-2
+
+
+# ---------------------------------------------------------------- BN groups, devices
+def test_one_device_equals_eight_devices(nda_1, nda_8):
+  """One BN-group layout, whatever the device count: 3 steps on 1 and on 8 devices.
+
+  SGD moves a parameter by lr x its gradient, so the states (parameters, key encoder,
+  BN averages, SGD's momentum = the gradients, queue) are compared directly, each leaf
+  to 2e-5 of its largest magnitude (+1e-7). Why not exact: the runs sum BN moments, the
+  loss and the gradients in a different order (one device vs 8 partial sums + psum);
+  measured: at most 5e-6 of a leaf's scale over these 3 steps (BN biases and their
+  gradients), so the bound has a 4x margin and is ~100x below one step's movement.
+  """
+  states1, metrics1, used1 = nda_1
+  states8, metrics8, used8 = nda_8
+  assert jax.device_count() == 8
+  # (devices holding the batch, rows per device, devices holding the state) per step.
+  assert used1 == [(1, {B}, 1)] * 3 and used8 == [(8, {B // 8}, 8)] * 3
+  for i, (s1, s8, m1, m8) in enumerate(zip(states1, states8, metrics1, metrics8)):
+    assert int(s1.step) == int(s8.step) == i + 1
+    for (name, a), (_, b) in zip(leaves(s1), leaves(s8)):
+      scale = np.abs(b).max() if b.size else 0.0
+      np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale + 1e-7,
+                                 err_msg=f"step {i + 1} {name}")
+    for name in ("loss", "top1", "pos_sim", "queue_sim", "nda_sim", "nda_beats_pos", "lr"):
+      np.testing.assert_allclose(m1[name], m8[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  # Guard: one step moves the parameters far more than the tolerance.
+  init = initial_state()
+  moved = [np.abs(a - b).max() / np.abs(b).max() for (_, a), (_, b) in
+           zip(leaves(init.params), leaves(states1[0].params))]
+  assert np.median(moved) > 1e-3, moved
+
+
+# ---------------------------------------------------------------- NDA negatives
+@pytest.fixture(scope="module")
+def one_step_each():
+  return {name: run_steps(name, 1) for name in ("weight0", "off")}
+
+
+def test_weight_zero_is_plain_moco_exactly(one_step_each):
+  (w0,), (m_w0,), _ = one_step_each["weight0"]
+  (off,), (m_off,), _ = one_step_each["off"]
+  for name in ("loss", "top1", "pos_sim", "queue_sim"):
+    assert m_w0[name] == m_off[name], name
+  for (name, a), (_, b) in zip(leaves(w0), leaves(off)):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+  # The NDA keys were computed (and scored) in the weight-0 run, just not used.
+  assert SPY + "nda_k" in m_w0 and SPY + "nda_k" not in m_off
+  assert m_w0["nda_sim"] != 0 and m_off["nda_sim"] == 0
+
+
+def test_nda_weight_enters_the_loss(nda_1, one_step_each):
+  (nda,), (m_nda,), _ = [x[:1] for x in nda_1]
+  (w0,), (m_w0,), _ = one_step_each["weight0"]
+  c = tiny_config()
+  assert c.nda.weight == 1.0 and c.nda.scope == "own"
+  np.testing.assert_allclose(
+      m_nda["loss"], numpy_infonce(m_nda, c.moco.temperature, 1.0, "own"), rtol=1e-5)
+  np.testing.assert_allclose(m_w0["loss"], numpy_infonce(m_w0, c.moco.temperature), rtol=1e-5)
+  assert m_nda["loss"] > m_w0["loss"] + 1e-3   # an extra negative can only raise the loss
+  # Same keys and views in both; the NDA pass leaves the key encoder's BN averages alone.
+  np.testing.assert_array_equal(m_nda[SPY + "k"], m_w0[SPY + "k"])
+  for (name, a), (_, b) in zip(leaves(nda.key_batch_stats), leaves(w0.key_batch_stats)):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+  assert not np.allclose(m_nda[SPY + "nda_view"], m_nda[SPY + "query_view"])
+
+
+def ramp_images(step: int) -> np.ndarray:
+  """Channel 0 = 17 x column, channel 1 = 17 x row (0..255): a view's pixels name their
+  source coordinates. Channel 2 is noise, which varies with the step."""
+  x = np.broadcast_to(17 * np.arange(S)[None, :], (S, S))
+  img = np.stack([x, x.T, np.random.RandomState(step).randint(0, 256, (S, S))], -1)
+  return np.broadcast_to(img, (B, S, S, 3)).astype(np.uint8)
+
+
+def decode_boxes(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(top, left, h, w) and flips of crop+resize views of ramp_images (no colour ops).
+
+  Output pixel j samples the source at left + (j + 0.5) w / S - 0.5 (bilinear, exact on a
+  ramp away from the source's border), so the interior columns give w and left.
+  """
+  coords = (views[..., :2].astype(np.float64) + 1) * 127.5 / 17   # source coordinates
+  x = coords[:, S // 2, :, 0]   # along a row: column coordinate
+  y = coords[:, :, S // 2, 1]   # along a column: row coordinate
+  flip = x[:, -2] < x[:, 1]
+  x = np.where(flip[:, None], x[:, ::-1], x)
+  j = np.arange(2, S - 1)
+  fit = lambda v: np.polyfit(j + 0.5, v[:, 2:S - 1].T, 1)   # slope, intercept per view
+  (sx, ix), (sy, iy) = fit(x), fit(y)
+  w, h = sx * S, sy * S
+  left, top = ix + 0.5, iy + 0.5
+  return np.stack([top, left, h, w], -1), flip
+
+
+@pytest.fixture(scope="module")
+def variants_run():
+  return run_steps("variants", 8, num=2, images=ramp_images)
+
+
+def test_batch_scope_image_source_and_enqueued_nda_keys(variants_run):
+  states, metrics, used = variants_run
+  c = tiny_config(**CONFIGS["variants"])
+  assert used == [(8, {B // 8}, 8)] * 2
+  for m in metrics:
+    assert all(np.isfinite(m[k]).all() for k in m), m
+    # 'batch': every query is contrasted with the NDA keys of the whole global batch.
+    assert m[SPY + "nda_k"].shape == (B, c.model.head_dim)
+    np.testing.assert_allclose(m["loss"], numpy_infonce(m, c.moco.temperature, 1.0, "batch"),
+                               rtol=1e-5)
+  # enqueue=True: each step enqueues its B keys then its B NDA keys (K = 2B: all of it).
+  for state, m in zip(states, metrics):
+    assert int(state.queue_ptr) == 0
+    np.testing.assert_allclose(state.queue, np.concatenate([m[SPY + "k"], m[SPY + "nda_k"]]),
+                               rtol=0, atol=1e-6)
+  # 'image': the NDA view is an aug+ view of the NDA image, not an NDA of the query view.
+  nda_view, query_view = metrics[0][SPY + "nda_view"], metrics[0][SPY + "query_view"]
+  assert nda_view.shape == query_view.shape == (B, S, S, 3)
+
+
+def test_views_are_made_on_device_within_their_ranges(variants_run):
+  """The step gets uint8 images; its views are aug+ crops (scale, ratio) with flips."""
+  _, metrics, _ = variants_run
+  c = tiny_config(**CONFIGS["variants"])
+  scale, ratio = tuple(c.aug.scale), (3 / 4, 4 / 3)
+  for m in metrics:
+    q_view, k_view = m[SPY + "query_view"], m[SPY + "key_view"]
+    assert q_view.dtype == np.float32 and q_view.shape == (B, S, S, 3)
+    assert q_view.min() >= -1 and q_view.max() <= 1
+    boxes, flips = [], []
+    for view in (q_view, k_view):
+      box, flip = decode_boxes(view)
+      boxes.append(box)
+      flips.append(flip)
+      top, left, h, w = box.T
+      # Integer boxes (the decoding is right), inside the image, area and aspect in range
+      # (up to the rounding of h and w to whole pixels).
+      np.testing.assert_allclose(box, np.round(box), atol=0.05)
+      assert (top >= -0.05).all() and (left >= -0.05).all()
+      assert (top + h <= S + 0.05).all() and (left + w <= S + 0.05).all()
+      area = h * w
+      assert (area >= scale[0] * S * S - (h + w) / 2 - 0.25).all(), area
+      assert (area <= scale[1] * S * S + 0.05).all(), area
+      assert ((w + 0.5) / (h - 0.5) >= ratio[0]).all() and ((w - 0.5) / (h + 0.5) <= ratio[1]).all()
+      assert 0 < flip.sum() < B   # p_flip=0.5: some flipped, some not
+    # Two independent views per image, and per image its own draw.
+    assert np.mean(np.any(np.abs(boxes[0] - boxes[1]) > 0.5, -1) | (flips[0] != flips[1])) > 0.5
+    assert len({tuple(np.round(b)) for b in boxes[0]}) > B // 2
+
+
+# ---------------------------------------------------------------- main: train, resume, kNN
+def test_main_trains_checkpoints_resumes_exactly_and_reports_knn(tmp_path, monkeypatch):
+  """2 steps with `main`, a restart to 4 == 4 steps straight, bit for bit.
+
+  A constant learning rate: the first run stops by having total_steps=2, which would
+  otherwise change its cosine schedule.
+  """
+  straight_cfg = demo_moco.get_config("tiny")
+  straight_cfg.checkpoint.async_save = False
+  straight_cfg.optim.encoder.schedule = "constant"
+  # Record what the loop hands the step (while it is traced): uint8 host images.
+  seen = []
+  make_step = moco.MoCo.make_step
+
+  def recording_make_step(self):
+    step = make_step(self)
+
+    def wrapped(state, batch):
+      seen.append((batch["image"].dtype, batch["image"].shape))
+      return step(state, batch)
+    return wrapped
+  monkeypatch.setattr(moco.MoCo, "make_step", recording_make_step)
+  straight = tmp_path / "straight"
+  loop.train_and_evaluate(straight_cfg, str(straight))
+  assert seen and all(s == (np.uint8, (B // 8, S, S, 3)) for s in seen), seen
+
+  split = tmp_path / "split"
+  for steps in (2, 4):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo_moco.py:tiny",
+         f"--workdir={split}", "--config.checkpoint.async_save=False",
+         "--config.optim.encoder.schedule=constant", f"--config.train.total_steps={steps}"],
+        capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ckpt_lib.Checkpointer(str(split)).latest_step() == steps
+  assert "resumed from step 2" in proc.stderr
+
+  records = common.read_metrics(str(split))
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]   # restarted at 3
+  knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
+  assert [s for s, _ in knn] == [2, 4] and all(0 <= v <= 1 for _, v in knn), knn
+  assert json.load(open(split / "config.json"))["trainer"] == "moco"
+  straight_knn = [r["knn_top1"] for r in common.read_metrics(str(straight)) if "knn_top1" in r]
+  assert straight_knn == [knn[-1][1]]
+
+  a = trainers.load_run(str(straight), config=straight_cfg)[2]
+  b = trainers.load_run(str(split), config=straight_cfg)[2]
+  assert int(a.step) == int(b.step) == 4
+  for (name, x), (_, y) in zip(leaves(a), leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+# ---------------------------------------------------------------- config validation
+@pytest.mark.parametrize("overrides, fragments", [
+    ({"moco.queue_size": 80}, ("config.moco.queue_size=80", "multiple", "32")),
+    ({"model.bn_group_size": 16}, ("config.model.bn_group_size=16", "at least 3")),  # 2 groups
+    ({"nda.scope": "global"}, ("config.nda.scope='global'", "'own', 'batch'")),
+    ({"nda.enqueue": True, "moco.queue_size": 96}, ("config.nda.enqueue", "multiple of 64")),
+])
+def test_bad_config_names_the_key(overrides, fragments):
+  with pytest.raises(ValueError) as info:
+    loop.check_config(tiny_config(**overrides))   # What main runs before touching the workdir.
+  for fragment in fragments:
+    assert fragment in str(info.value)
+
+
+def test_good_config_passes():
+  loop.check_config(tiny_config())
+  loop.check_config(tiny_config(**CONFIGS["variants"]))
