@@ -34,6 +34,11 @@ class DamagedCheckpointError(RuntimeError):
   """No readable checkpoint is left in a workdir that has some."""
 
 
+class OtherModelError(ValueError):
+  """A checkpoint holds arrays of other shapes than the config's TrainState (a user's
+  mistake, e.g. a changed model width on resume: the checkpoint is not damaged)."""
+
+
 class _DataSnapshot:
   """The iterator state taken when `save` is called (an async save writes it later)."""
 
@@ -132,6 +137,7 @@ class Checkpointer:
     cannot be carried over). A training checkpoint without its data item is
     damaged (ValueError), never a silently inexact resume.
     """
+    self._check_same_model(step, abstract_state)
     items = {_STATE: ocp.args.StandardRestore(abstract_state)}
     data = "restored"
     if data_iterator is not None:
@@ -146,6 +152,29 @@ class Checkpointer:
         items[_DATA] = grain_ckpt.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE], data
+
+  def _check_same_model(self, step: int, abstract_state: PyTree) -> None:
+    """OtherModelError when the stored arrays' shapes differ from the target's.
+
+    Compares the sorted shapes (metadata only; names may be stored differently):
+    any damage to the metadata itself is left to the restore to report.
+    """
+    try:
+      # The handler reads the metadata file only (the manager knows no handler
+      # before the first restore in a process).
+      stored = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / _STATE)
+      stored = sorted(tuple(m.shape) for m in jax.tree.leaves(stored))
+    except Exception:  # pylint: disable=broad-except  (unreadable: the restore reports it)
+      return
+    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(abstract_state))
+    if stored != wanted:
+      differ = [(a, b) for a, b in zip(stored, wanted) if a != b]
+      example = f"; e.g. stored {differ[0][0]} vs configured {differ[0][1]}" if differ else ""
+      raise OtherModelError(
+          f"checkpoint {step} in {self.directory} holds another model than the config "
+          f"describes ({len(stored)} arrays stored, {len(wanted)} configured{example}). "
+          f"Resume with the run's own config ({self.workdir}/config.json: drop the "
+          f"--config overrides that change the model) or use a new workdir")
 
   def restore_latest(self, abstract_state: PyTree,
                      data_iterator: Any = None) -> tuple[int, PyTree, str] | None:
@@ -166,6 +195,8 @@ class Checkpointer:
       error = None
       try:
         state, data = self.restore(step, abstract_state, data_iterator)
+      except OtherModelError:
+        raise   # Every process reads the same metadata: all raise alike.
       except Exception as e:  # pylint: disable=broad-except  (any read error = damage)
         error = f"{type(e).__name__}: {str(e)[:500]}"
       ok = _all_processes_agree(error is None)

@@ -1,4 +1,6 @@
 """Config I/O: the resolved config a run writes to, and reads back from, its workdir."""
+from collections.abc import Iterable
+import difflib
 import json
 
 import ml_collections
@@ -44,3 +46,34 @@ def _upgrade_gan_optim(config: ml_collections.ConfigDict) -> None:
     upgraded[part].b1, upgraded[part].b2 = optim_cfg.b1, optim_cfg.b2
     upgraded[part].eps = optim_cfg.eps
   config.optim = upgraded
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """'train.batch_size', ... : the dotted path of every leaf of `config`."""
+  keys = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and value:
+      keys += flat_keys(value, f"{prefix}{key}.")
+    else:
+      keys.append(f"{prefix}{key}")
+  return keys
+
+
+def check_overrides(config: ml_collections.ConfigDict, keys: Iterable[str],
+                    flag: str = "config") -> None:
+  """ValueError for an override `--config.<key>` of a key `config` does not declare,
+  naming the close keys (a typo in any part of the path) and the section's keys."""
+  for key in keys:
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      close = difflib.get_close_matches(key, flat_keys(config), n=3, cutoff=0.8)
+      hint = f"; did you mean {' or '.join(f'--{flag}.{c}' for c in close)}?" if close else ""
+      section = ".".join([flag, *parts[:depth]])
+      if isinstance(node, ml_collections.ConfigDict):
+        listing = f" ({section} has {', '.join(sorted(node))})"
+      else:
+        listing = f" ({section} is a {type(node).__name__}, not a section)"
+      raise ValueError(f"--{flag}.{key}: the config has no such key{hint}{listing}")

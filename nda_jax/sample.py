@@ -7,14 +7,19 @@ Uses the run's resolved config (DIR/config.json); G_ema by default (--noema for 
 .npz output holds `images` (uint8, NHWC, the official 255*(x+1)/2 conversion),
 `latents` and `labels`; .png output is a grid.
 """
-from absl import app
+import io
+
 from absl import flags
+from etils import epath
 import jax
 import numpy as np
 
+from nda_jax import cli
 from nda_jax import trainers
 from nda_jax import visualize
 from nda_jax.trainers import gan
+
+_PROG = "nda_jax.sample"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run (holds config.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.")
@@ -27,18 +32,30 @@ _EMA = flags.DEFINE_boolean("ema", True, "Sample from the EMA generator.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz or .png.")
 
 
+def _load_npy(path: str, what: str) -> np.ndarray:
+  """A .npy file (local or gs://) as an array; ValueError naming the file if unreadable."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{what} file {path} does not exist")
+  try:
+    return np.load(io.BytesIO(path.read_bytes()))
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f"{what} file {path} is not a readable .npy array ({e})") from None
+
+
 def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_path=None):
   n_classes = gan.num_classes(config)
   if latents_path:
-    z = np.load(latents_path).astype(np.float32)
+    z = _load_npy(latents_path, "--latents").astype(np.float32)
     if z.ndim != 2 or z.shape[1] != config.model.dim_z:
       raise ValueError(f"{latents_path}: latents of shape {z.shape}; expected [N, "
                        f"{config.model.dim_z}]")
   else:
     z = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (num, config.model.dim_z)))
   if labels_path:
-    y = np.load(labels_path).astype(np.int32)
-    if y.shape != (len(z),) or y.min() < 0 or y.max() >= n_classes:
+    y = _load_npy(labels_path, "--labels")
+    if y.shape != (len(z),) or not np.issubdtype(y.dtype, np.integer) or (
+        len(y) and (y.min() < 0 or y.max() >= n_classes)):
       raise ValueError(f"{labels_path}: labels must be [N={len(z)}] ints in [0, {n_classes})")
   else:
     y = np.asarray(jax.random.randint(jax.random.PRNGKey(seed + 1), (len(z),), 0, n_classes))
@@ -46,23 +63,27 @@ def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_pa
 
 
 def main(argv):
-  del argv
-  out = _OUT.value
+  del argv   # cli.run rejects stray arguments.
+  out = epath.Path(_OUT.value)
   try:
-    if not out.endswith((".npz", ".png")):
-      raise ValueError(f"--out={out}: use a .npz or .png file name")
-    if _NUM.value <= 0 or _BATCH.value <= 0:
-      raise ValueError(f"--num={_NUM.value} and --batch_size={_BATCH.value} must be positive")
+    if out.suffix not in (".npz", ".png"):
+      raise ValueError(f"--out={_OUT.value}: use a .npz or .png file name")
+    for flag in (_NUM, _BATCH):
+      if flag.value <= 0:
+        raise ValueError(f"--{flag.name}={flag.value}: must be a positive number")
     config, method, state = trainers.load_run(_WORKDIR.value, _CHECKPOINT.value)
     if not isinstance(method, gan.GAN):
       raise ValueError(f"{_WORKDIR.value} is a {config.trainer!r} run; sampling needs a GAN")
     z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value)
   except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"nda_jax.sample: error: {e}") from None
+    cli.fail(_PROG, str(e))
   images = gan.sample_in_batches(gan.make_sampler(config, ema=_EMA.value), state, z, y,
                                  _BATCH.value)
-  if out.endswith(".npz"):
-    np.savez(out, images=visualize.to_uint8(images), latents=z, labels=y)
+  if out.suffix == ".npz":
+    buffer = io.BytesIO()
+    np.savez(buffer, images=visualize.to_uint8(images), latents=z, labels=y)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(buffer.getvalue())
   else:
     visualize.save_grid(out, images, ncol=int(np.ceil(np.sqrt(len(images)))), scale=2)
   print(f"wrote {len(images)} samples to {out}")
@@ -70,4 +91,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main, _PROG)

@@ -20,12 +20,15 @@ Usage:
   python -m nda_jax.importers.biggan_pytorch --G=G_ema.pth --D=D.pth \
       --config=configs/cifar10_nda_gan.py:cond --workdir=DIR [--G_ema=G_ema.pth]
 """
+import os
+import pickle
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nda_jax import cli
 from nda_jax.models import biggan
 
 Variables = dict[str, Any]
@@ -147,13 +150,24 @@ def convert_discriminator(state_dict: Mapping[str, Any],
                         "Discriminator")
 
 
+def read_torch_file(torch: Any, path: str) -> Any:
+  """torch.load of a user's file: a missing or unreadable file is a ValueError naming it."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}); pass a "
+                     f"state_dict saved with torch.save") from None
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a `.pth` state_dict into NumPy arrays (needs torch)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("reading .pth files needs torch: pip install -e '.[torch]'") from e
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  state_dict = read_torch_file(torch, path)
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
   return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
@@ -184,23 +198,25 @@ def main(argv):
   from nda_jax.trainers import gan  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
+    save.check_new_workdir(f.workdir, f.config)   # Before the conversion, which takes a while.
     generator, discriminator = gan.build_models(f.config, axis_name=None)
     g_vars = convert_generator(load_state_dict(f.G), generator)
     ema_vars = convert_generator(load_state_dict(f.G_ema), generator) if f.G_ema else g_vars
     d_vars = convert_discriminator(load_state_dict(f.D), discriminator)
     save.save_imported(f.workdir, f.config, gan_state(f.config, g_vars, d_vars, ema_vars))
   except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"nda_jax.importers.biggan_pytorch: error: {e}") from None
+    cli.fail("nda_jax.importers.biggan_pytorch", str(e))
   print(f"wrote a step-0 checkpoint and config.json to {f.workdir}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("G", None, "Generator state_dict (.pth); G_ema.pth for sampling.", required=True)
   flags.DEFINE_string("D", None, "Discriminator state_dict (.pth).", required=True)
   flags.DEFINE_string("G_ema", None, "EMA generator state_dict; defaults to --G.")
   flags.DEFINE_string("workdir", None, "Where to write the Orbax checkpoint.", required=True)
-  config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:variant]).")
+  config = config_flags.DEFINE_config_file("config", None,
+                                           "Experiment config (configs/*.py[:variant]).")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, "nda_jax.importers.biggan_pytorch", config)

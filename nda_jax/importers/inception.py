@@ -10,7 +10,10 @@ evaluators read either file through it (`inception_weights: ...` of a
 from absl import app
 from absl import flags
 
+from nda_jax import cli
 from nda_jax.models import inception_weights
+
+_PROG = "nda_jax.importers.inception"
 
 
 def main(argv):
@@ -18,7 +21,12 @@ def main(argv):
   pth, out = flags.FLAGS.pth, flags.FLAGS.out
   if not pth or not out:
     raise app.UsageError("Both --pth and --out are required.")
-  variables = inception_weights.load(pth)
+  try:
+    if not out.endswith(".npz"):
+      raise ValueError(f"--out={out}: use a .npz file name")
+    variables = inception_weights.load(pth)
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(_PROG, str(e))
   inception_weights.save_npz(variables, out)
   print(f"Wrote {len(inception_weights.flatten(variables))} arrays to {out}")
 
@@ -28,4 +36,4 @@ if __name__ == "__main__":
   # next to other commands' modules cannot clash on flag names.
   flags.DEFINE_string("pth", None, f"pytorch-fid's {inception_weights.WEIGHTS_FILE}.")
   flags.DEFINE_string("out", None, "Output .npz path.")
-  app.run(main)
+  cli.run(main, _PROG)

@@ -28,13 +28,22 @@ def check_like(new: PyTree, reference: PyTree, what: str) -> PyTree:
   return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, reference)
 
 
-def save_imported(workdir: str, config: ml_collections.ConfigDict, state: PyTree) -> None:
-  """Writes `state` (the method's TrainState, step 0) and `config` to `workdir`."""
+def check_new_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """ValueError if `workdir` already holds checkpoints (an import never overwrites a run)."""
   checkpointer = trainers.checkpointer(config, workdir, async_save=False)
   try:
-    if checkpointer.all_steps():
-      raise ValueError(f"{workdir} already holds checkpoints {checkpointer.all_steps()}; "
-                       f"import into a new workdir")
+    steps = checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+  if steps:
+    raise ValueError(f"{workdir} already holds checkpoints {steps}; import into a new workdir")
+
+
+def save_imported(workdir: str, config: ml_collections.ConfigDict, state: PyTree) -> None:
+  """Writes `state` (the method's TrainState, step 0) and `config` to `workdir`."""
+  check_new_workdir(workdir, config)
+  checkpointer = trainers.checkpointer(config, workdir, async_save=False)
+  try:
     config_lib.write_config(config, workdir)
     checkpointer.save(0, state, force=True)
   finally:

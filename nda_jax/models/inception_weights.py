@@ -26,6 +26,7 @@ left unfilled, is an error.
 """
 import functools
 import os
+import pickle
 from typing import Any, Mapping
 
 import jax
@@ -139,7 +140,11 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
         f"Reading {path!r} needs torch (`pip install nda_jax[torch]`). Without torch, convert it "
         f"once elsewhere: python -m nda_jax.importers.inception --pth={path} "
         f"--out=inception_fid.npz, and pass the .npz.") from e
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}); pass "
+                     f"pytorch-fid's {WEIGHTS_FILE}") from None
   return {k: v.numpy() for k, v in state_dict.items()}
 
 

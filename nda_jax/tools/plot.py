@@ -2,18 +2,20 @@ r"""PNG plots of a run's metrics: losses, D(real/fake/NDA), evaluation metrics.
 
   python -m nda_jax.tools.plot --workdir=runs/demo [--out=runs/demo/plots.png]
 """
-import os
-
-from absl import app
 from absl import flags
+from etils import epath
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from nda_jax import cli
+from nda_jax import workdir as workdir_lib
+from nda_jax.tools import figures
 from nda_jax.trainers import common
 
+_PROG = "nda_jax.tools.plot"
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (default WORKDIR/plots.png).")
 
@@ -34,8 +36,9 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(steps), np.asarray(values, np.float64)
 
 
-def plot(records: list[dict], out: str) -> list[str]:
+def plot(records: list[dict], out: str | epath.Path) -> list[str]:
   """Draws the panels that have data; returns their titles."""
+  out = figures.check_image_path(out)
   panels = {t: [k for k in keys if len(series(records, k)[0])] for t, keys in PANELS.items()}
   panels = {t: keys for t, keys in panels.items() if keys}
   if not panels:
@@ -48,18 +51,20 @@ def plot(records: list[dict], out: str) -> list[str]:
     ax.set_xlabel("iteration")
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
+  figures.save_figure(fig, out)
   return list(panels)
 
 
 def main(argv):
-  del argv
-  out = _OUT.value or os.path.join(_WORKDIR.value, "plots.png")
-  titles = plot(common.read_metrics(_WORKDIR.value), out)
+  del argv   # cli.run rejects stray arguments.
+  out = _OUT.value or workdir_lib.path(_WORKDIR.value) / "plots.png"
+  try:
+    titles = plot(common.read_metrics(_WORKDIR.value), out)
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(_PROG, str(e))
   print(f"wrote {out} ({', '.join(titles)})")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main, _PROG)

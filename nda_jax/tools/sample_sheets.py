@@ -21,12 +21,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from nda_jax import cli
 from nda_jax import trainers
 from nda_jax import visualize
 from nda_jax import workdir as workdir_lib
 from nda_jax.trainers import gan
 
 INTERPOLATIONS = ("linear", "slerp")
+_PROG = "nda_jax.tools.sample_sheets"
 
 
 # ------------------------------------------------------------------ latents (pure)
@@ -127,9 +129,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
+    for name, low in (("per_class", 1), ("interp_rows", 1), ("interp_steps", 2),
+                      ("batch_size", 1), ("scale", 1)):
+      if f[name].value is not None and f[name].value < low:
+        raise ValueError(f"--{name}={f[name].value}: must be >= {low}")
     config, _, state = trainers.load_run(f.workdir, f.checkpoint)
   except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"nda_jax.tools.sample_sheets: error: {e}") from None
+    cli.fail(_PROG, str(e))
   out_dir = f.out_dir or str(workdir_lib.path(f.workdir) / "sheets")
   written = write_sheets(config, state, out_dir, ema=f.ema, per_class=f.per_class,
                          interp_rows=f.interp_rows, interp_steps=f.interp_steps,
@@ -144,4 +150,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, _PROG)

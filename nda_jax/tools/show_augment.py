@@ -8,7 +8,6 @@ same key) applied to that batch: a quick visual check that each NDA does
 what its docstring says.
 """
 from collections.abc import Sequence
-import os
 
 from absl import app
 from absl import flags
@@ -19,8 +18,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from nda_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nda_jax.augment import negative  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nda_jax.data import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nda_jax.tools import figures  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_PROG = "nda_jax.tools.show_augment"
 
 _NDA = flags.DEFINE_string("nda", "jigsaw", f"One of {sorted(negative.NDAS)}.")
 _ALL = flags.DEFINE_bool("all", False, "Show every NDA (overrides --nda).")
@@ -60,11 +63,14 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   names = list(negative.NDAS) if _ALL.value else [_NDA.value]
-  fig = render(names, _NUM.value, _SEED.value)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  fig.savefig(_OUT.value, dpi=100)
-  print(f"Wrote {_OUT.value} ({', '.join(names)}).")
+  try:
+    out = figures.check_image_path(_OUT.value)
+    fig = render(names, _NUM.value, _SEED.value)
+  except ValueError as e:
+    cli.fail(_PROG, str(e))
+  figures.save_figure(fig, out)
+  print(f"Wrote {out} ({', '.join(names)}).")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _PROG)

@@ -56,7 +56,7 @@ def build_models(config: ml_collections.ConfigDict, axis_name: str | None = para
   if m.sample_bn not in ("batch", "running"):
     raise ValueError(f"config.model.sample_bn={m.sample_bn!r}; valid choices: ('batch', 'running')")
   common_kw = dict(ch=m.ch, resolution=config.data.image_size, n_classes=num_classes(config),
-                   conv_impl=m.conv_impl)
+                   conv_impl=m.conv_impl, dtype=method_lib.compute_dtype(config))
   generator = biggan.Generator(dim_z=m.dim_z, axis_name=axis_name, out_channels=config.data.channels,
                                sample_with_batch_stats=m.sample_bn == "batch", **common_kw)
   discriminator = biggan.Discriminator(in_channels=config.data.channels, **common_kw)
@@ -107,6 +107,16 @@ class GAN(method_lib.Method):
 
   def validate(self, num_devices: int) -> None:
     super().validate(num_devices)
+    for key in ("train.num_d_steps", "model.ch", "model.dim_z", "sample.per_row",
+                "sample.scale"):
+      method_lib.check_range(self.config, key, low=1, integer=True)
+    for key in ("sample.every", "train.ema_start"):
+      method_lib.check_range(self.config, key, low=0, integer=True)
+    for key in ("loss.alpha", "loss.beta"):      # Weights of the fakes' terms.
+      method_lib.check_range(self.config, key, low=0)
+    method_lib.check_range(self.config, "train.ema_decay", low=0, high=1)
+    build_models(self.config)                    # sample_bn, dtype.
+    biggan.generator_arch(self.config.data.image_size)   # A supported resolution.
     negative.build_nda(self.config.nda)          # Fails early, naming the valid NDAs.
     losses.get_loss(self.config.loss.kind)       # Likewise for the loss kind.
     unroll_d_steps(self.config)

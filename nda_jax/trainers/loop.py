@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from nda_jax import checkpoint as ckpt_lib
+from nda_jax import config_lib
 from nda_jax import parallel
 from nda_jax.data import pipeline
 from nda_jax.trainers import common
@@ -107,11 +108,7 @@ def _due(every: int, step: int, last: bool) -> bool:
 
 # ------------------------------------------------------------------ the loop
 def _positive(config: ml_collections.ConfigDict, key: str, minimum: int = 1) -> None:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  if not isinstance(node, int) or node < minimum:
-    raise ValueError(f"config.{key}={node!r}: must be an integer >= {minimum}")
+  method_lib.check_range(config, key, low=minimum, integer=True)
 
 
 def check_config(config: ml_collections.ConfigDict) -> parallel.DataParallel:
@@ -143,6 +140,9 @@ def _stop_everywhere(signals: ckpt_lib.StopSignals) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config.trainer`'s method, resuming from `workdir`; returns the last metrics.
+
+  `workdir/config.json` is written only once every check passed and the
+  checkpoint (if any) was read: a mistake leaves the workdir as it was.
 
   SIGTERM: saves and returns. SIGINT: saves and raises KeyboardInterrupt
   (`main` exits 130); a second SIGINT aborts at once.
@@ -180,6 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       elif data == "other_process_count":
         logging.warning("checkpoint %d was saved by a different number of processes: the "
                         "input pipeline cannot continue where it was and starts anew", start)
+    if jax.process_index() == 0:   # Every check passed and the checkpoint fits: now write.
+      config_lib.write_config(config, workdir)
     step = int(jax.device_get(state.step))
     carry = dp.put_state((state, _new_guard()))
     step_fn = dp.step(guarded(method.make_step()), batch_axis=method.batch_axis)

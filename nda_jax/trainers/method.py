@@ -10,6 +10,7 @@ deepmind-research byol's experiment vs main loop.
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from nda_jax import parallel
@@ -17,6 +18,31 @@ from nda_jax import parallel
 PyTree = Any
 Batch = Mapping[str, Any]
 StepFn = Callable[[PyTree, Batch], tuple[PyTree, dict[str, jax.Array]]]
+# config.dtype -> the activations' dtype; parameters, optimizer states and losses stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_range(config: ml_collections.ConfigDict, key: str, low: float | None = None,
+                high: float | None = None, integer: bool = False) -> None:
+  """ValueError naming `config.<key>` unless its value is a number in [low, high]."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  kinds = (int,) if integer else (int, float)
+  in_range = (isinstance(value, kinds) and not isinstance(value, bool)
+              and (low is None or value >= low) and (high is None or value <= high))
+  if not in_range:
+    what = "an integer" if integer else "a number"
+    bounds = (f"in [{low}, {high}]" if low is not None and high is not None
+              else f">= {low}" if low is not None else f"<= {high}")
+    raise ValueError(f"config.{key}={value!r}: must be {what} {bounds}")
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """config.dtype as the dtype models compute activations in (a clear error if unknown)."""
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; valid choices: {sorted(DTYPES)}")
+  return DTYPES[config.dtype]
 
 
 class Method:
@@ -54,6 +80,7 @@ class Method:
 
   def validate(self, num_devices: int) -> None:
     """Raises ValueError for a config this method cannot run, before any work."""
+    check_range(self.config, "train.batch_size", low=1, integer=True)
     if self.config.train.batch_size % num_devices:
       raise ValueError(f"config.train.batch_size={self.config.train.batch_size} must be "
                        f"divisible by the {num_devices} devices")
