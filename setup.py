@@ -35,7 +35,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
         # Weight importers (official BigGAN-PyTorch / pytorch-fid checkpoints) and their parity tests.
         "torch": ["torch>=2.1"],
-        # gs:// workdirs (TPU VM jobs writing to a bucket).
-        "gcs": ["etils[epath-gcs]"],
+        # gs:// workdirs (TPU VM jobs writing to a bucket): files through epath (gcsfs),
+        # TensorBoard events through tensorboardX's own gs:// writer.
+        "gcs": ["etils[epath-gcs]", "google-cloud-storage"],
     },
 )

@@ -7,7 +7,12 @@ turned into a local one; local paths are made absolute (Orbax requires it).
 from etils import epath
 
 
+def is_local(workdir: "str | epath.Path") -> bool:
+  """False for a bucket (gs://...), where files cannot be appended to."""
+  return "://" not in str(workdir)
+
+
 def path(workdir: "str | epath.Path") -> epath.Path:
-  if "://" in str(workdir):
+  if not is_local(workdir):
     return epath.Path(workdir)
   return epath.Path(workdir).absolute()

@@ -52,6 +52,7 @@ from PIL import Image
 from sklearn import metrics as sk_metrics
 
 from nda_jax import parallel
+from nda_jax import workdir as workdir_lib
 from nda_jax.evaluators import features as features_lib
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -256,7 +257,8 @@ class AnomalyEvaluator:
     self.cfg = cfg
     self.data_cfg = data_cfg
     self.mesh = mesh or parallel.default_mesh()
-    self.out_dir = cfg.out_dir or (os.path.join(workdir, "anomaly") if workdir else None)
+    self.out_dir = cfg.out_dir or (str(workdir_lib.path(workdir) / "anomaly") if workdir
+                                   else None)
     if cfg.labels not in LABEL_MODES:
       raise ValueError(f"labels={cfg.labels!r}; valid choices: {LABEL_MODES}")
     unknown = sorted(set(cfg.synthetic) - set(SYNTHETIC))
@@ -386,8 +388,7 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 
 
 def write_tables(result: Mapping[str, Any], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "anomaly.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(out_dir, "anomaly.md"), "w") as f:
-    f.write(markdown_table(result))
+  out = workdir_lib.path(out_dir)   # Local or a bucket.
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "anomaly.json").write_text(json.dumps(result, indent=1))
+  (out / "anomaly.md").write_text(markdown_table(result))

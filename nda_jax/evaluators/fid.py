@@ -33,7 +33,6 @@ Inception and of the digits classifier go to two `config.evals` entries):
 """
 from collections.abc import Callable, Iterator
 import hashlib
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -42,6 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from nda_jax import workdir as workdir_lib
 from nda_jax.evaluators import digits_classifier
 from nda_jax.evaluators import features as features_lib
 from nda_jax.evaluators import metrics
@@ -179,7 +179,8 @@ class SampleQualityEvaluator:
     desc = repr(sorted(self.data_cfg.to_dict().items())) + repr(
         (self.ref_split, self.cfg.ref_num, self.network))
     digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
-    return os.path.join(self.workdir, "eval_cache", f"ref_stats_{self.network}_{digest}.npz")
+    return str(workdir_lib.path(self.workdir) / "eval_cache" /
+               f"ref_stats_{self.network}_{digest}.npz")
 
   def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference: `ref_stats` (inception only), the cache, or computed."""
@@ -188,7 +189,7 @@ class SampleQualityEvaluator:
       cache = self._cache_path()
       if path:
         self._reference["stats"] = metrics.load_stats(path)
-      elif cache and os.path.exists(cache):
+      elif cache and workdir_lib.path(cache).exists():
         self._reference["stats"] = metrics.load_stats(cache)
       else:
         stats = features_lib.gaussian_stats(self._reference_batches(), self.net.features_key,

@@ -12,8 +12,9 @@ comparable with published ones:
 Statistics files are `.npz` with `mu` [D] and `sigma` [D, D], the TTUR and
 pytorch-fid format, so their published files load as they are.
 """
-import os
+import io
 
+from etils import epath
 import numpy as np
 from scipy import linalg
 
@@ -95,19 +96,21 @@ class GaussianStats:
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-  """Writes TTUR / pytorch-fid compatible `.npz` statistics (float64)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  """Writes TTUR / pytorch-fid compatible `.npz` statistics (float64), locally or to gs://."""
+  buffer = io.BytesIO()
+  np.savez(buffer, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) from a TTUR / pytorch-fid / `save_stats` `.npz` file."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(
         f"No statistics file at {path!r}. Compute one with `python -m nda_jax.evaluators.ref_stats "
         f"--data=... --out={path}`, or use TTUR's / the NDA repo's published `.npz` files.")
-  with np.load(path) as f:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
     missing = [k for k in STATS_KEYS if k not in f.files]
     if missing:
       raise ValueError(f"{path!r} lacks {missing}; a statistics file has keys {STATS_KEYS}, "

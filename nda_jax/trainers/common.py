@@ -3,6 +3,7 @@ import json
 import time
 from typing import Mapping
 
+from absl import logging
 import jax
 
 from nda_jax import workdir as workdir_lib
@@ -11,32 +12,56 @@ from nda_jax import workdir as workdir_lib
 class MetricWriter:
   """JSON-lines log plus TensorBoard event files (tensorboardX: no TensorFlow needed).
 
-  Only process 0 writes; every process may call it. TensorBoard events go to
-  local disk through tensorboardX; for a bucket workdir they are written by
-  tensorboardX's own gs:// support when available, else skipped with a warning.
+  Only process 0 writes; every process may call it. metrics.jsonl goes through
+  epath (local or a bucket); TensorBoard events through tensorboardX, which
+  writes local folders, and gs:// itself when google-cloud-storage is installed
+  (the `gcs` extra). Elsewhere the events are skipped with a warning: the
+  same numbers are in metrics.jsonl.
   """
 
   def __init__(self, workdir: str):
     self._active = jax.process_index() == 0
     self._path = workdir_lib.path(workdir) / "metrics.jsonl"
     self._tb = None
+    # A bucket's objects cannot be appended to (gcsfs silently overwrites): there
+    # the file is rewritten with every record.
+    self._lines = None
     if self._active:
       self._path.parent.mkdir(parents=True, exist_ok=True)
-      from tensorboardX import SummaryWriter  # Imported here: heavy, and only process 0 writes.
-      self._tb = SummaryWriter(str(workdir_lib.path(workdir) / "tensorboard"))
+      if not workdir_lib.is_local(workdir):
+        self._lines = [self._path.read_text()] if self._path.exists() else []
+      self._tb = _summary_writer(str(workdir_lib.path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with self._path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, float(v), int(step))
+    line = json.dumps(record) + "\n"
+    if self._lines is None:
+      with self._path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
 
   def close(self) -> None:
-    if self._active:
+    if self._tb is not None:
       self._tb.close()
+
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter for `logdir`, or None where it cannot write there."""
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy)
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  if "://" in logdir and not (logdir.startswith("gs://") and record_writer.GCS_ENABLED):
+    logging.warning("no TensorBoard events for %s: tensorboardX writes local folders, and "
+                    "gs:// with google-cloud-storage installed (pip install -e '.[gcs]'); "
+                    "metrics.jsonl has the same numbers", logdir)
+    return None
+  return SummaryWriter(logdir)
 
 
 def read_metrics(workdir: str) -> list[dict]:
