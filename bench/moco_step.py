@@ -1,0 +1,143 @@
+r"""MoCo-v2 step speed, with and without NDA negatives: img/s and FLOP utilisation.
+
+  python bench/moco_step.py [--cases=r18_32,r50_224] [--batch=0] [--iters=5] [--quick]
+
+A case is an encoder at an input size: r18_32 is ResNet-18 with the CIFAR stem
+on 32x32 images (MoCo's CIFAR demo, K=4096), r50_224 is ResNet-50 with the
+ImageNet stem on 224x224 crops of 256x256 images (main_moco.py, K=65536), both
+with MoCo-v2's MLP head. One step = two aug+ views made on device from uint8
+images, the momentum update, the key encoder's forward, the query encoder's
+forward and backward, SGD, the enqueue; with NDA (configs/common.py's
+default: jigsaw of the query view, 'own' scope) one more key-encoder forward
+on the NDA views. The step runs on every device present (shard_map);
+--batch is global (0: 256 per case on an accelerator, --quick's 64 / 8 on CPU).
+The two variants of a case are timed alternately, call by call, so that load
+from other processes hits both alike; the first variant (NDA off) is the
+baseline of the ratio column.
+
+FLOPs come from XLA's cost analysis of the step before optimisation, built
+with conv_impl="xla" whatever conv path runs: one program per variant, its
+convolutions counted as such (the "matmul" path's weight gradients run in a
+loop over batch chunks whose body XLA counts once: 20% short for R18). NDA's
+extra key forward is predicted to cost FLOPs(nda) / FLOPs(off) - 1 (about
+1/4: a step is four forward-equivalents, the query's forward and backward and
+the key's forward); the measured time overhead is printed beside that
+prediction. Utilisation is FLOP/s over the dense float32 matmul throughput
+measured in the same run.
+"""
+import argparse
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import common
+from gan_step import matmul_flops_per_sec
+from nda_jax import parallel
+from nda_jax.trainers import moco
+
+# case -> (arch, stem, host image size, crop size, queue size)
+CASES = {
+    "r18_32": ("resnet18", "cifar", 32, 32, 4096),
+    "r50_224": ("resnet50", "imagenet", 256, 224, 65536),
+}
+QUICK_BATCH = {"r18_32": 64, "r50_224": 8}
+VARIANTS = ("off", "nda")
+
+
+def make_config(case: str, batch: int, nda: bool,
+                conv_impl: str = "auto") -> ml_collections.ConfigDict:
+  arch, stem, image_size, crop, queue = CASES[case]
+  c = common.moco_config()
+  c.model.arch, c.model.stem, c.model.conv_impl = arch, stem, conv_impl
+  c.data.image_size = image_size
+  c.aug.crop_size = crop
+  c.train.batch_size = batch
+  c.model.bn_group_size = min(32, batch // 4)   # MoCo: 32 per GPU; >= 3 groups here
+  c.moco.queue_size = max(queue // batch, 1) * batch
+  c.nda.enabled = nda
+  return c
+
+
+def setup(config: ml_collections.ConfigDict, seed: int = 0):
+  """(jitted step over all devices, replicated state, sharded uint8 batch)."""
+  dp = parallel.DataParallel("shard_map")
+  method = moco.MoCo(config)
+  method.validate(dp.num_devices)
+  state = dp.put_state(method.init_state(jax.random.PRNGKey(seed)))
+  step = dp.step(method.make_step())
+  size = config.data.image_size
+  host = {"image": np.random.RandomState(seed).randint(
+      0, 256, (config.train.batch_size, size, size, config.data.channels)).astype(np.uint8)}
+  return step, state, dp.shard_batch(host)
+
+
+def count_flops(case: str, batch: int, nda: bool, state, batch_arrays) -> float:
+  """FLOPs of one step: the conv_impl='xla' program, before optimisation (see above)."""
+  config = make_config(case, batch, nda, conv_impl="xla")
+  step = parallel.DataParallel("shard_map").step(moco.MoCo(config).make_step())
+  cost = step.lower(state, batch_arrays).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+class Runner:
+  """One variant's step, carrying its state from call to call."""
+
+  def __init__(self, case: str, batch: int, nda: bool):
+    self.step, self.state, self.batch = setup(make_config(case, batch, nda))
+    self.flops = count_flops(case, batch, nda, self.state, self.batch)
+    t = time.perf_counter()
+    self()
+    self.first_call = time.perf_counter() - t
+
+  def __call__(self) -> None:
+    self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready(metrics)
+
+
+def median_seconds(runners: dict[str, Runner], iters: int) -> dict[str, float]:
+  times = {name: [] for name in runners}
+  for _ in range(iters):
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default="r18_32,r50_224", help=f"comma-separated {list(CASES)}")
+  parser.add_argument("--batch", type=int, default=0, help="global batch; 0: per case (above)")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--quick", action="store_true",
+                      help=f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations")
+  args = parser.parse_args()
+  iters = 2 if args.quick else args.iters
+  peak = matmul_flops_per_sec()
+  devices = jax.device_count()
+  print(f"devices: {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
+  print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
+  print(f"{'case':>8} {'batch':>5} {'variant':>7} {'s/step':>8} {'img/s':>8} {'GFLOP/step':>10} "
+        f"{'GFLOP/s':>8} {'util':>6} {'vs off':>7} {'1st call s':>10}", flush=True)
+  for case in args.cases.split(","):
+    if case not in CASES:
+      raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
+    batch = args.batch or (QUICK_BATCH[case] if args.quick else 256)
+    runners = {v: Runner(case, batch, v == "nda") for v in VARIANTS}
+    sec = median_seconds(runners, iters)
+    for v, run in runners.items():
+      s = sec[v]
+      print(f"{case:>8} {batch:>5} {v:>7} {s:>8.3f} {batch / s:>8.1f} {run.flops / 1e9:>10.1f} "
+            f"{run.flops / s / 1e9:>8.1f} {run.flops / s / (peak * devices):>6.1%} "
+            f"{sec['off'] / s:>6.2f}x {run.first_call:>10.1f}", flush=True)
+    predicted = runners["nda"].flops / runners["off"].flops - 1
+    measured = sec["nda"] / sec["off"] - 1
+    print(f"{case:>8} NDA overhead: measured {measured:+.1%} of a step's time, "
+          f"predicted {predicted:+.1%} (FLOP ratio)", flush=True)
+
+
+if __name__ == "__main__":
+  main()
