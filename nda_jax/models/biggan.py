@@ -378,7 +378,9 @@ class Discriminator(nn.Module):
       h = DBlock(self.ch * mult, down, i > 0, layers, name=f"blocks_{i}")(h, train=train)
     h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
     features = h.shape[-1]
-    out = layers.dense(1, features, "linear")(h, update_stats=train)[:, 0]
+    # The head stays float32 with any dtype: its inputs are sums over all positions.
+    head = _Layers(self.sn_eps, self.conv_impl, jnp.float32, self.param_dtype)
+    out = head.dense(1, features, "linear")(h, update_stats=train)[:, 0]
     embed = spectral_norm(ClassEmbed(self.n_classes, features, self.param_dtype, name="embed"),
                           self.sn_eps, "embedding")(y, update_stats=train)
     out = out.astype(jnp.float32) + jnp.sum(embed.astype(jnp.float32) * h, axis=-1)
