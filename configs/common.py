@@ -259,3 +259,74 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = "val_video_top1"
   c.checkpoint.best_mode = "max"
   return c
+
+
+def dpc_config() -> ml_collections.ConfigDict:
+  """DPC (TengdaHan/DPC, R18, 128 px, 8 blocks x 5 frames, predict 3) with NDA negatives, UCF-101.
+
+  The recipe of DPC's UCF-101 -> UCF-101 result (its issue #11): 32 clips per GPU
+  (here: BN and candidate groups of 32 of a 128-clip batch, as on DPC's 4 GPUs),
+  Adam 1e-3 for 400 epochs then 1e-4 for 70. A clip's start is fixed per example,
+  so each video is 10 examples with their own starts and an epoch here is 10 of
+  DPC's (47 x 10 = 470).
+  """
+  c = run_config("dpc", seed=0)
+  c.data = data_config("ucf101", image_size=240, num_classes=101)
+  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
+  c.data.num_frames = 40                # model.num_seq x model.seq_len
+  c.data.frame_stride = 3               # DPC's --ds 3
+  c.data.split_number = 1
+  c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.clips_per_video = 10
+  c.data.clip_seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 18                    # R2D3D-18
+  c.model.width = 64                    # 256-d features
+  c.model.num_seq = 8
+  c.model.seq_len = 5
+  c.model.pred_step = 3
+  c.model.gru_kernel = 1
+  c.model.gru_dropout = 0.1
+  c.model.bn_group_size = 32            # BN statistics per 32 clips = DPC's per-GPU batch
+  c.model.input_norm = "imagenet"       # DPC's Normalize(): ImageNet mean/std
+  c.model.conv_impl = "auto"
+
+  c.dpc = ml_collections.ConfigDict()
+  c.dpc.candidate_group_size = 32       # DPC's per-GPU candidates; 0: the global batch
+
+  c.aug = ml_collections.ConfigDict()   # DPC's UCF-101 views, made on device
+  c.aug.crop_size = 224                 # RandomCrop(224) of the 240 px frames ...
+  c.aug.out_size = 128                  # ... scaled to 128 (the model's input)
+  c.aug.jitter = (0.5, 0.5, 0.5, 0.25)  # per frame, p = 1
+  c.aug.p_gray = 0.5                    # per frame
+  c.aug.p_flip = 0.5                    # per clip
+
+  # NDA negatives: NDA clips of the future blocks (see trainers/dpc.py for the default).
+  c.nda = ml_collections.ConfigDict()
+  c.nda.enabled = True
+  c.nda.name = "spatial_jigsaw+block_frame_shuffle"
+  c.nda.probs = ml_collections.FieldReference(None, field_type=list)
+  c.nda.params = ml_collections.ConfigDict({"spatial_jigsaw": {"k": 2, "layout": "clean"},
+                                            "frame_jigsaw": {"k": 2, "layout": "clean"}})
+  c.nda.scope = "same_position"         # or 'all': every NDA position and step of the clip
+  c.nda.weight = 1.0                    # multiplies exp(NDA logits) in the denominator
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.encoder = optim.default_config("adam")
+  c.optim.encoder.lr = 1e-3
+  c.optim.encoder.weight_decay = 1e-5   # coupled, as torch.optim.Adam
+  c.optim.encoder.schedule = "steps"
+  c.optim.encoder.boundaries_epochs = (40,)
+  c.optim.encoder.decay_factor = 0.1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_epochs = 47
+  c.train.total_steps = 0
+  c.train.log_every = 50
+
+  # No evaluator: UCF-101 is evaluated by fine-tuning; a kNN monitor would decode
+  # every training clip (95k x 40 frames) each time.
+  c.checkpoint.every = 745              # one epoch
+  return c
