@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "sample_quality": "nda_jax.evaluators.fid:SampleQualityEvaluator",
     "anomaly": "nda_jax.evaluators.anomaly:AnomalyEvaluator",
     "knn": "nda_jax.evaluators.knn:KnnEvaluator",
+    "classification": "nda_jax.evaluators.classification:ClassificationEvaluator",
     "video_classification": "nda_jax.evaluators.video_classification:VideoClassificationEvaluator",
 }
 
