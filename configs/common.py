@@ -330,3 +330,44 @@ def dpc_config() -> ml_collections.ConfigDict:
   # every training clip (95k x 40 frames) each time.
   c.checkpoint.every = 745              # one epoch
   return c
+
+
+def linear_config() -> ml_collections.ConfigDict:
+  """Linear classification on a frozen MoCo encoder (main_lincls.py), ImageNet.
+
+  The encoder's description (model, crop size) comes from the pretrained run's
+  config.json; only the probe's own settings are here.
+  """
+  c = run_config("linear_probe", seed=0)
+  c.pretrained_workdir = ml_collections.FieldReference(None, field_type=str)  # a MoCo workdir
+  c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
+  c.data = data_config("image_folder", image_size=256, num_classes=1000)
+  c.data.resize_size = 256              # host: shorter side 256, centre 256x256; views 224
+  c.data.eval_split = "val"
+
+  c.aug = ml_collections.ConfigDict()   # training views, on device; eval center-crops
+  c.aug.scale = (0.08, 1.0)             # RandomResizedCrop's default
+  c.aug.p_flip = 0.5
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.classifier = optim.default_config("sgd")
+  c.optim.classifier.lr = 30.0
+  c.optim.classifier.momentum = 0.9
+  c.optim.classifier.weight_decay = 0.0
+  c.optim.classifier.schedule = "steps"
+  c.optim.classifier.boundaries_epochs = (60, 80)
+  c.optim.classifier.decay_factor = 0.1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256
+  c.train.num_epochs = 100
+  c.train.total_steps = 0
+  c.train.log_every = 100
+
+  c.evals.classification = evaluators.default_config("classification")
+  c.evals.classification.every = 5004   # one ImageNet epoch at batch 256, as main_lincls
+  c.checkpoint.every = 5004
+  c.checkpoint.keep_best = 1
+  c.checkpoint.best_metric = "val_top1"
+  c.checkpoint.best_mode = "max"
+  return c

@@ -1,0 +1,30 @@
+r"""Linear evaluation of a MoCo encoder on ImageNet (facebookresearch/moco `main_lincls.py`).
+
+The backbone of `--config.pretrained_workdir` (a run of configs/imagenet_moco.py,
+or released weights imported with nda_jax.importers.moco_pytorch) is frozen in
+inference mode; a linear classifier on its 2048-d pooled features is trained
+with SGD lr 30, momentum 0.9, no weight decay, batch 256, 100 epochs, lr x0.1
+at epochs 60 and 80, on RandomResizedCrop(224) + flip views; the val split is
+center-cropped and scored every epoch (top-1 / top-5; the best is kept).
+
+  python -m nda_jax.main --config=configs/imagenet_linear.py \
+      --config.pretrained_workdir=runs/in_moco_nda \
+      --config.data.data_dir=/path/to/imagenet --workdir=runs/in_moco_nda_linear
+
+Released MoCo-v2 weights (moco_v2_200ep_pretrain.pth.tar):
+
+  python -m nda_jax.importers.moco_pytorch --checkpoint=moco_v2_200ep_pretrain.pth.tar \
+      --config=configs/imagenet_moco.py --workdir=runs/moco_v2_200ep
+
+then the command above with --config.pretrained_workdir=runs/moco_v2_200ep.
+
+Expected: 67.5% top-1 (ImageNet val) for MoCo-v2 ResNet-50, 200 epochs (moco
+README: 67.5 +- 0.1). The host crops views from the central 256x256 of each
+image (shorter side resized to 256), where torchvision crops the full image.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  common.parse_variants(arg, ())
+  return common.linear_config()
