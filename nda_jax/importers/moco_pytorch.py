@@ -20,7 +20,16 @@ read and dropped: it only matters for PyTorch's cumulative-average momentum).
 Every key under the prefix must be used and every variable found with the
 model's shape, else ValueError lists the missing, unused and misshapen keys.
 Pure NumPy; torch is imported only to read files.
+
+Command line: a main_moco checkpoint -> a complete MoCo workdir (config.json +
+a step-0 checkpoint: the query encoder imported, the key encoder a copy of it,
+a fresh queue and optimizer), which the linear probe (configs/*_linear.py,
+--config.pretrained_workdir=DIR), `eval` and `main` (continued training) read:
+
+  python -m nda_jax.importers.moco_pytorch --checkpoint=moco_v2_200ep_pretrain.pth.tar \
+      --config=configs/imagenet_moco.py --workdir=runs/moco_v2_200ep
 """
+import os
 import re
 from typing import Any, Mapping
 
@@ -116,3 +125,65 @@ def load_checkpoint(path: str) -> dict[str, np.ndarray]:
           and all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
     raise ValueError(f"{path} holds neither a state_dict nor a checkpoint with a 'state_dict'")
   return {k: v.detach().cpu().numpy() for k, v in checkpoint.items()}
+
+
+def moco_state(config: Any, variables: Variables) -> Any:
+  """A step-0 MoCoState holding the imported query encoder; the key encoder starts as its
+  copy, the queue and the optimizer state as in a new run."""
+  from nda_jax.importers import save  # pylint: disable=g-import-not-at-top  (above trainers)
+  from nda_jax.trainers import moco  # pylint: disable=g-import-not-at-top
+  state = moco.MoCo(config).init_state(jax.random.PRNGKey(config.seed))
+  params = save.check_like(variables["params"], state.params, "encoder params")
+  stats = save.check_like(variables["batch_stats"], state.batch_stats, "encoder batch_stats")
+  # Copies: a state is donated to the train step, so nothing in it may alias.
+  return state.replace(params=params, batch_stats=stats,
+                       key_params=jax.tree.map(jnp.copy, params),
+                       key_batch_stats=jax.tree.map(jnp.copy, stats))
+
+
+def import_moco(checkpoint: str, config: Any, workdir: str) -> None:
+  """main_moco's `checkpoint` -> a MoCo workdir for `config` (ValueError / FileNotFoundError
+  for a config that is not MoCo's, a missing file, an architecture that does not fit)."""
+  from nda_jax.importers import save  # pylint: disable=g-import-not-at-top  (above trainers)
+  from nda_jax.trainers import moco  # pylint: disable=g-import-not-at-top
+  if config.get("trainer") != "moco":
+    raise ValueError(f"the config trains {config.get('trainer')!r}; a MoCo checkpoint needs a "
+                     f"MoCo config (configs/imagenet_moco.py)")
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint} does not exist")
+  save.check_new_workdir(workdir, config)   # Before the conversion, which takes a while.
+  variables = convert_encoder(load_checkpoint(checkpoint), moco.build_encoder(config))
+  save.save_imported(workdir, config, moco_state(config, variables))
+
+
+_PROG = "nda_jax.importers.moco_pytorch"
+
+
+def main(argv):
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from nda_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)   # Orbax logs every file it touches at INFO.
+  f = flags.FLAGS
+  try:
+    import_moco(f.checkpoint, f.config, f.workdir)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    cli.fail(_PROG, str(e))
+  print(f"wrote config.json and a step-0 checkpoint of the imported query encoder to "
+        f"{f.workdir}")
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a command, so importing this module
+  # next to other commands' modules cannot clash on flag names.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from nda_jax import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("checkpoint", None, "main_moco.py checkpoint (.pth.tar).", required=True)
+  flags.DEFINE_string("workdir", None, "The new MoCo workdir to write.", required=True)
+  _CONFIG = config_flags.DEFINE_config_file("config", None,
+                                            "MoCo config of the checkpoint's encoder "
+                                            "(configs/imagenet_moco.py).")
+  flags.mark_flag_as_required("config")
+  cli.run(main, _PROG, _CONFIG)
