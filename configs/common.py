@@ -179,6 +179,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.evals.knn.max_train = 50000         # a fixed subset of ImageNet train as the feature bank
   c.evals.knn.eval_split = "val"
   c.checkpoint.every = 5000
+  c.checkpoint.keep_best = 1
   c.checkpoint.best_metric = "knn_top1"
   c.checkpoint.best_mode = "max"
   return c

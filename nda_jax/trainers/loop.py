@@ -168,10 +168,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   signals = ckpt_lib.StopSignals()
   writer = None
   try:
-    state = method.init_state(jax.random.PRNGKey(config.seed))
+    # Restore first: a resumed run needs no init (a probe's init reads its pretrained run).
     restored = checkpointer.restore_latest(
         trainers.abstract_state(method, dp.replicated_sharding()), data_iter)
-    if restored is not None:
+    if restored is None:
+      state = method.init_state(jax.random.PRNGKey(config.seed))
+    else:
       start, state, data = restored
       logging.info("resumed from step %d in %s", start, workdir)
       if data == "start":

@@ -292,5 +292,8 @@ def make_embedder(config: ml_collections.ConfigDict,
     return jax.jit(embed)
   batch = jax.sharding.PartitionSpec(parallel.AXIS)
   mapped = dp.map_fn(embed, in_specs=(jax.sharding.PartitionSpec(), batch), out_specs=batch)
-  # This process's host batch -> one global array over the mesh.
-  return lambda state, images_u8: mapped(state, dp.shard_batch(images_u8))
+  sharding = jax.sharding.NamedSharding(dp.mesh, batch)
+  # This process's host batch -> one global array over the mesh (also under pmap:
+  # evaluation always runs through shard_map).
+  return lambda state, images_u8: mapped(
+      state, jax.make_array_from_process_local_data(sharding, images_u8))
