@@ -290,16 +290,17 @@ def test_weight_zero_is_plain_moco_exactly(one_step_each):
 
 def test_nda_weight_enters_the_loss(nda_1, one_step_each):
   (nda,), (m_nda,), _ = [x[:1] for x in nda_1]
-  (w0,), (m_w0,), _ = one_step_each["weight0"]
+  (_,), (m_w0,), _ = one_step_each["weight0"]
   c = tiny_config()
   assert c.nda.weight == 1.0 and c.nda.scope == "own"
   np.testing.assert_allclose(
       m_nda["loss"], numpy_infonce(m_nda, c.moco.temperature, 1.0, "own"), rtol=1e-5)
   np.testing.assert_allclose(m_w0["loss"], numpy_infonce(m_w0, c.moco.temperature), rtol=1e-5)
   assert m_nda["loss"] > m_w0["loss"] + 1e-3   # an extra negative can only raise the loss
-  # Same keys and views in both; the NDA pass leaves the key encoder's BN averages alone.
+  # Same keys in both; the NDA pass leaves the key encoder's BN averages as without NDA.
   np.testing.assert_array_equal(m_nda[SPY + "k"], m_w0[SPY + "k"])
-  for (name, a), (_, b) in zip(leaves(nda.key_batch_stats), leaves(w0.key_batch_stats)):
+  (off,), _, _ = one_step_each["off"]
+  for (name, a), (_, b) in zip(leaves(nda.key_batch_stats), leaves(off.key_batch_stats)):
     np.testing.assert_array_equal(a, b, err_msg=name)
   assert not np.allclose(m_nda[SPY + "nda_view"], m_nda[SPY + "query_view"])
 
@@ -388,14 +389,18 @@ def test_views_are_made_on_device_within_their_ranges(variants_run):
 
 # ---------------------------------------------------------------- main: train, resume, kNN
 def test_main_trains_checkpoints_resumes_exactly_and_reports_knn(tmp_path, monkeypatch):
-  """2 steps with `main`, a restart to 4 == 4 steps straight, bit for bit.
+  """4 steps straight == 2 steps, then `main` resuming to 4, bit for bit.
 
-  A constant learning rate: the first run stops by having total_steps=2, which would
-  otherwise change its cosine schedule.
+  A constant learning rate: the first part stops by having total_steps=2, which would
+  otherwise change its cosine schedule. The first two runs are in-process (the loop
+  main hands over to), the resume is the command line.
   """
-  straight_cfg = demo_moco.get_config("tiny")
-  straight_cfg.checkpoint.async_save = False
-  straight_cfg.optim.encoder.schedule = "constant"
+  def config(steps):
+    c = demo_moco.get_config("tiny")
+    c.checkpoint.async_save = False
+    c.optim.encoder.schedule = "constant"
+    c.train.total_steps = steps
+    return c
   # Record what the loop hands the step (while it is traced): uint8 host images.
   seen = []
   make_step = moco.MoCo.make_step
@@ -408,31 +413,31 @@ def test_main_trains_checkpoints_resumes_exactly_and_reports_knn(tmp_path, monke
       return step(state, batch)
     return wrapped
   monkeypatch.setattr(moco.MoCo, "make_step", recording_make_step)
-  straight = tmp_path / "straight"
-  loop.train_and_evaluate(straight_cfg, str(straight))
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  loop.train_and_evaluate(config(4), str(straight))
   assert seen and all(s == (np.uint8, (B // 8, S, S, 3)) for s in seen), seen
+  loop.train_and_evaluate(config(2), str(split))
+  assert ckpt_lib.Checkpointer(str(split)).latest_step() == 2
 
-  split = tmp_path / "split"
-  for steps in (2, 4):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo_moco.py:tiny",
-         f"--workdir={split}", "--config.checkpoint.async_save=False",
-         "--config.optim.encoder.schedule=constant", f"--config.train.total_steps={steps}"],
-        capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ckpt_lib.Checkpointer(str(split)).latest_step() == steps
+  proc = subprocess.run(
+      [sys.executable, "-m", "nda_jax.main", f"--config={REPO}/configs/demo_moco.py:tiny",
+       f"--workdir={split}", "--config.checkpoint.async_save=False",
+       "--config.optim.encoder.schedule=constant"],
+      capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from step 2" in proc.stderr
+  assert ckpt_lib.Checkpointer(str(split)).latest_step() == 4
+  assert json.load(open(split / "config.json"))["trainer"] == "moco"
 
   records = common.read_metrics(str(split))
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]   # restarted at 3
   knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
   assert [s for s, _ in knn] == [2, 4] and all(0 <= v <= 1 for _, v in knn), knn
-  assert json.load(open(split / "config.json"))["trainer"] == "moco"
   straight_knn = [r["knn_top1"] for r in common.read_metrics(str(straight)) if "knn_top1" in r]
   assert straight_knn == [knn[-1][1]]
 
-  a = trainers.load_run(str(straight), config=straight_cfg)[2]
-  b = trainers.load_run(str(split), config=straight_cfg)[2]
+  a = trainers.load_run(str(straight), config=config(4))[2]
+  b = trainers.load_run(str(split), config=config(4))[2]
   assert int(a.step) == int(b.step) == 4
   for (name, x), (_, y) in zip(leaves(a), leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=name)
