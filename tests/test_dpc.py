@@ -20,6 +20,7 @@ from nda_jax.data import sources
 from nda_jax.models import dpc as dpc_model
 from nda_jax.trainers import common
 from nda_jax.trainers import dpc
+from nda_jax.trainers import moco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_NDAS = "+".join(dpc.NDAS)
@@ -102,8 +103,8 @@ def test_candidates_come_from_the_clip_s_group(group_size):
     loss, metrics = dpc.dense_loss(c, p, t, a, 16)
     return jax.lax.pmean((loss, metrics), parallel.AXIS)
 
-  loss, metrics = dp.map_fn(per_device, in_specs=(spec,) * 3,
-                            out_specs=jax.sharding.PartitionSpec())(*dp.shard_batch((pred, target, nda)))
+  mapped = dp.map_fn(per_device, in_specs=(spec,) * 3, out_specs=jax.sharding.PartitionSpec())
+  loss, metrics = mapped(*dp.shard_batch((pred, target, nda)))
   size = group_size or 16
   parts = [losses.dpc_dense_loss(pred[g:g + size], target[g:g + size], nda=nda[g:g + size])
            for g in range(0, 16, size)]
@@ -154,26 +155,23 @@ def test_no_nda_feature_equals_its_positive():
   m = c.model
   assert nda.shape == (16, m.pred_step * m.seq_len) + clips.shape[2:]
 
-  blocks = lambda x: np.asarray(x).reshape(16, -1, m.seq_len, *x.shape[2:])
-  real = blocks(clips).reshape(-1, m.seq_len, *clips.shape[2:])
-  fake = blocks(nda).reshape(-1, m.seq_len, *clips.shape[2:])
+  blocks = lambda x: np.asarray(x).reshape(-1, m.seq_len, *x.shape[2:])
+  real, fake = blocks(clips), blocks(nda)
   same = (real[:, None] == fake[None]).reshape(len(real), len(fake), -1).all(-1)
   assert not same.any()
 
   model = dpc.build_model(c)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  encode = jax.jit(lambda x: model.apply(variables, moco_norm(c, x), method=dpc_model.DPC.encode))
-  target = encode(clips)[:, m.num_seq - m.pred_step:]
-  nda_features = encode(nda)
+  encode = jax.jit(lambda x: model.apply(variables, moco.normalize_input(c, x),
+                                         method=dpc_model.DPC.encode))
+  d = 4 * m.width
+  target = np.asarray(encode(clips)[:, m.num_seq - m.pred_step:]).reshape(16, -1, d)
+  nda_features = np.asarray(encode(nda)).reshape(16, -1, d)
   assert target.shape == nda_features.shape
-  distance = np.linalg.norm(np.asarray(target - nda_features), axis=-1)
-  scale = np.linalg.norm(np.asarray(target), axis=-1)
-  assert (distance > 1e-3 * scale).all(), distance.min()
-
-
-def moco_norm(c, x):
-  from nda_jax.trainers import moco   # the input normalisation DPC shares with MoCo
-  return moco.normalize_input(c, x)
+  # Every NDA feature of a clip against every positive of that clip (scope 'all' covers both).
+  distance = np.linalg.norm(target[:, :, None] - nda_features[:, None], axis=-1)
+  scale = np.linalg.norm(target, axis=-1)[:, :, None]
+  assert (distance > 1e-3 * scale).all(), (distance / scale).min()
 
 
 # ------------------------------------------------------------------ main: train, checkpoint, resume

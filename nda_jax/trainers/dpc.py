@@ -138,8 +138,8 @@ def center_view(config: ml_collections.ConfigDict, clips: jax.Array) -> jax.Arra
                           antialias=True)
 
 
-def make_nda_fn(config: ml_collections.ConfigDict,
-                axis_name: str | None = parallel.AXIS) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_nda_fn(config: ml_collections.ConfigDict, axis_name: str | None = parallel.AXIS
+                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`fn(keys, clips) -> NDA of the future blocks [b, pred_step * seq_len, H, W, C]`.
 
   Only the future blocks are made and encoded: they are the only NDA features
