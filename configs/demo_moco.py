@@ -25,11 +25,14 @@ def get_config(arg=None):
   c.model.width = 16
   c.model.head_dim = 64
   c.model.bn_group_size = 16
-  c.moco.queue_size = 1024
+  # K ~ 9% of the ~1,500 training digits (MoCo's CIFAR demo: 4,096 of 50,000). A queue
+  # holding most of the dataset would hold each image's own key of the previous epoch as
+  # a negative: with K=1,024 the demo collapsed (all similarities -> 1, loss -> ln(K+2)).
+  c.moco.queue_size = 128
   c.moco.momentum = 0.99                # short run: a faster key encoder (MoCo's CIFAR demo)
   c.aug.crop_size = 16
-  c.optim.encoder.lr = 0.06             # MoCo's CIFAR demo
-  c.optim.encoder.weight_decay = 5e-4
+  c.optim.encoder.lr = 0.0075           # MoCo's rule 0.03 * batch / 256
+  c.optim.encoder.weight_decay = 5e-4   # MoCo's CIFAR demo
   c.train.batch_size = 64
   c.train.num_epochs = 0
   c.train.total_steps = 1000
