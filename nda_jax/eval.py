@@ -156,6 +156,11 @@ def prepare(workdir: str, checkpoint: str | int = "latest", only: Sequence[str] 
   """Loads config, checkpoint and evaluators; every user error surfaces here, before any work."""
   from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (heavy)
   config = config if config is not None else load_run_config(workdir)
+  checkpointer = trainers.checkpointer(config, workdir, async_save=False)
+  try:   # A run without the checkpoint asked for is the first thing to say.
+    checkpointer.resolve_step(checkpoint)
+  finally:
+    checkpointer.close()
   names = resolve_names(config, only)
   for name in names:
     entry = config.evals[name]
