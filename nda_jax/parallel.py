@@ -8,6 +8,7 @@ checkpointed) state is always unreplicated: `put_state` / `get_state` convert.
 """
 import dataclasses
 import functools
+import itertools
 import os
 from typing import Any, Callable
 
@@ -41,6 +42,26 @@ def maybe_initialize_distributed() -> None:
   logging.info("process %d/%d, %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+_BARRIERS = itertools.count()
+COMPILE_WAIT_S = 3600   # How long a process waits for its peers to compile a step.
+
+
+def compile_together(jitted_fn: Callable[..., Any], *args: Any) -> None:
+  """With several processes: compiles `jitted_fn` for `args`, then waits for every peer.
+
+  Hosts compile at different speeds, and the first collective of a step must find
+  its peers ready: on CPU, gloo gives up connecting after 30 s. The wait is a
+  barrier of the coordination service, which has no such limit. The program is
+  cached, so the first call does not compile it again.
+  """
+  if jax.process_count() == 1:
+    return
+  jitted_fn.lower(*args).compile()
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  multihost.get_barrier_sync_fn()(key=f"nda_jax_compiled_{next(_BARRIERS)}",
+                                  timeout_ms=COMPILE_WAIT_S * 1000)
 
 
 def must_block_each_step() -> bool:

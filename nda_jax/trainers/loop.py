@@ -201,8 +201,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       check_guard(dp.get_state(carry)[1], metric_names, workdir)   # Never save a bad state.
       checkpointer.save(step, current_state(), data_iter.get_state(), metrics=eval_metrics)
 
+    compiled = False
     while step < steps_total:
       batch = dp.shard_batch(method.layout(next(data_iter)), batch_axis=method.batch_axis)
+      if not compiled:
+        parallel.compile_together(step_fn, carry, batch)
+        compiled = True
       carry, device_metrics = step_fn(carry, batch)
       step += 1
       if block:
