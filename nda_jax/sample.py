@@ -40,7 +40,8 @@ def _load_npy(path: str, what: str) -> np.ndarray:
   try:
     return np.load(io.BytesIO(path.read_bytes()))
   except (OSError, ValueError, EOFError) as e:
-    raise ValueError(f"{what} file {path} is not a readable .npy array ({e})") from None
+    raise ValueError(f"{what} file {path} is not a readable .npy array "
+                     f"({type(e).__name__}); save it with numpy.save") from None
 
 
 def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_path=None):
