@@ -27,6 +27,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if "trainer" in config and "dtype" not in config:
+    config.dtype = "float32"    # Runs from before config.dtype computed in float32.
   _upgrade_gan_optim(config)
   from nda_jax import evaluators  # pylint: disable=g-import-not-at-top  (heavy)
   evaluators.upgrade_legacy(config)
