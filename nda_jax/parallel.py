@@ -189,6 +189,19 @@ class DataParallel:
     return jax.jit(jax.shard_map(per_device_fn, mesh=self.mesh, in_specs=in_specs,
                                  out_specs=out_specs, check_vma=False))
 
+  def map_over_batch(self, per_device_fn: Callable[..., Any]) -> Callable[..., jax.Array]:
+    """`fn(state, host_batch)` for evaluation: `per_device_fn(state, shard)` over the mesh.
+
+    The state is replicated; this process's host batch becomes one global array
+    along AXIS, whatever `kind` is (evaluation always runs through shard_map, so
+    pmap's per-device stacking does not apply); outputs are per example.
+    """
+    batch = P(AXIS)
+    mapped = self.map_fn(per_device_fn, in_specs=(P(), batch), out_specs=batch)
+    sharding = NamedSharding(self.mesh, batch)
+    return lambda state, host_batch: mapped(
+        state, jax.make_array_from_process_local_data(sharding, np.asarray(host_batch)))
+
   def unreplicate_metrics(self, metrics: PyTree) -> dict[str, float]:
     if self.kind == "pmap":
       metrics = jax.tree.map(lambda a: a[0], metrics)

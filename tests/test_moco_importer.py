@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from nda_jax.importers import moco_pytorch
 from nda_jax.models import resnet

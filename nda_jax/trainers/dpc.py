@@ -87,7 +87,7 @@ def build_model(config: ml_collections.ConfigDict) -> dpc_model.DPC:
   m = config.model
   return dpc_model.DPC(depth=m.depth, width=m.width, num_seq=m.num_seq, seq_len=m.seq_len,
                        pred_step=m.pred_step, gru_kernel=m.gru_kernel,
-                       gru_dropout=m.gru_dropout, dtype=moco.dtype_of(config),
+                       gru_dropout=m.gru_dropout, dtype=method_lib.compute_dtype(config),
                        conv_impl=m.conv_impl)
 
 
@@ -180,7 +180,7 @@ class DPC(method_lib.Method):
   def validate(self, num_devices: int) -> None:
     super().validate(num_devices)
     c = self.config
-    moco.dtype_of(c)
+    method_lib.compute_dtype(c)
     optim.validate(c.optim.encoder, "config.optim.encoder")
     b, local = c.train.batch_size, c.train.batch_size // num_devices
     if b % c.model.bn_group_size:
@@ -296,8 +296,4 @@ def make_embedder(config: ml_collections.ConfigDict,
     x = moco.normalize_input(config, center_view(config, parallel.to_float(clips_u8)))
     return model.apply(variables, x, method=dpc_model.DPC.context)
 
-  if dp is None:
-    return jax.jit(embed)
-  batch = jax.sharding.PartitionSpec(parallel.AXIS)
-  mapped = dp.map_fn(embed, in_specs=(jax.sharding.PartitionSpec(), batch), out_specs=batch)
-  return lambda state, clips_u8: mapped(state, dp.shard_batch(clips_u8))
+  return jax.jit(embed) if dp is None else dp.map_over_batch(embed)

@@ -32,7 +32,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from nda_jax import config_lib
@@ -219,14 +218,4 @@ class LinearProbe(method_lib.Method):
       x = moco.normalize_input(enc, moco.center_crop(parallel.to_float(images_u8), crop))
       return logits_of(state.classifier, backbone.apply(state.backbone, x, train=False))
 
-    batch = jax.sharding.PartitionSpec(parallel.AXIS)
-    mapped = dp.map_fn(classify, in_specs=(jax.sharding.PartitionSpec(), batch),
-                       out_specs=batch)
-    sharding = jax.sharding.NamedSharding(dp.mesh, batch)
-
-    def classify_fn(state: LinearProbeState, images_u8: np.ndarray) -> jax.Array:
-      # Placed on the mesh whatever config.parallel is (shard_batch stacks per device for pmap).
-      return mapped(state, jax.make_array_from_process_local_data(sharding,
-                                                                  np.asarray(images_u8)))
-
-    return {"classify_fn": classify_fn}
+    return {"classify_fn": dp.map_over_batch(classify)}

@@ -43,7 +43,6 @@ from nda_jax.trainers import method as method_lib
 PyTree = Any
 
 NDA_SOURCES = ("query_view", "image")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # torchvision's ImageNet normalisation, which MoCo's encoders (and imported weights) expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,16 +61,10 @@ class MoCoState:
   queue_ptr: jax.Array      # where the next global batch of keys goes
 
 
-def dtype_of(config: ml_collections.ConfigDict):
-  if config.dtype not in DTYPES:
-    raise ValueError(f"config.dtype={config.dtype!r}; valid choices: {sorted(DTYPES)}")
-  return DTYPES[config.dtype]
-
-
 def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
   m = config.model
   return resnet.build_encoder(m.arch, stem=m.stem, width=m.width, head_dim=m.head_dim,
-                              dtype=dtype_of(config), conv_impl=m.conv_impl)
+                              dtype=method_lib.compute_dtype(config), conv_impl=m.conv_impl)
 
 
 def normalize_input(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
@@ -117,7 +110,7 @@ class MoCo(method_lib.Method):
   def validate(self, num_devices: int) -> None:
     super().validate(num_devices)
     c = self.config
-    dtype_of(c)
+    method_lib.compute_dtype(c)
     optim.validate(c.optim.encoder, "config.optim.encoder")
     b = c.train.batch_size
     if c.moco.queue_size <= 0 or c.moco.queue_size % b:
@@ -288,12 +281,4 @@ def make_embedder(config: ml_collections.ConfigDict,
     features, _ = encoder.apply(variables, x, train=False)
     return features
 
-  if dp is None:
-    return jax.jit(embed)
-  batch = jax.sharding.PartitionSpec(parallel.AXIS)
-  mapped = dp.map_fn(embed, in_specs=(jax.sharding.PartitionSpec(), batch), out_specs=batch)
-  sharding = jax.sharding.NamedSharding(dp.mesh, batch)
-  # This process's host batch -> one global array over the mesh (also under pmap:
-  # evaluation always runs through shard_map).
-  return lambda state, images_u8: mapped(
-      state, jax.make_array_from_process_local_data(sharding, images_u8))
+  return jax.jit(embed) if dp is None else dp.map_over_batch(embed)

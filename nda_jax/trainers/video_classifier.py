@@ -120,7 +120,7 @@ def build_dpc(config: ml_collections.ConfigDict) -> dpc_model.DPC:
   """
   m = config.model
   return dpc_model.DPC(depth=m.depth, width=m.width, seq_len=m.seq_len, gru_kernel=m.gru_kernel,
-                       gru_dropout=m.gru_dropout, dtype=moco.dtype_of(config),
+                       gru_dropout=m.gru_dropout, dtype=method_lib.compute_dtype(config),
                        conv_impl=m.conv_impl)
 
 
@@ -194,7 +194,7 @@ class VideoClassifier(method_lib.Method):
     c = self.config
     if c.mode not in MODES:
       raise ValueError(f"config.mode={c.mode!r}; valid choices: {MODES}")
-    moco.dtype_of(c)
+    method_lib.compute_dtype(c)
     optim.validate(c.optim, "config.optim")
     b = c.train.batch_size
     if b % c.model.bn_group_size:
@@ -334,13 +334,4 @@ class VideoClassifier(method_lib.Method):
       return head.apply({"params": state.params["head"],
                          "batch_stats": state.batch_stats["head"]}, context, train=False)
 
-    batch = jax.sharding.PartitionSpec(parallel.AXIS)
-    mapped = dp.map_fn(classify, in_specs=(jax.sharding.PartitionSpec(), batch),
-                       out_specs=batch)
-    sharding = jax.sharding.NamedSharding(dp.mesh, batch)
-
-    def classify_fn(state: VideoClassifierState, clips_u8) -> jax.Array:
-      # Placed on the mesh whatever config.parallel is (shard_batch stacks per device for pmap).
-      return mapped(state, jax.make_array_from_process_local_data(sharding, clips_u8))
-
-    return {"classify_fn": classify_fn}
+    return {"classify_fn": dp.map_over_batch(classify)}
