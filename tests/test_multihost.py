@@ -34,6 +34,7 @@ from nda_jax.trainers import common
 from nda_jax.trainers import loop
 from test_gan_trainer import assert_states_close
 from test_gan_trainer import tiny_config
+import test_moco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -48,7 +49,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signal_at=None):
+def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signal_at=None,
+            config_arg: str = "configs/demo.py:tiny"):
   """`num_processes` processes of `nda_jax.main` in one job; returns their outputs.
 
   Fails (killing the others) when a process exits non-zero, or when the job runs
@@ -68,7 +70,7 @@ def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signa
                  NDA_PROCESS_ID=str(i), NDA_INIT_TIMEOUT="120")
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w+")
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "nda_jax.main", "--config=configs/demo.py:tiny",
+        [sys.executable, "-m", "nda_jax.main", f"--config={config_arg}",
          f"--workdir={workdir}", *flags], env=env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT, text=True))
     logs.append(log)
@@ -237,3 +239,29 @@ def test_resume_on_another_device_count(straight_runs, tmp_path, first, then):
   loop.train_and_evaluate(config(max_devices=then), str(split))
   assert [r["step"] for r in common.read_metrics(str(split))] == list(range(1, STEPS + 1))
   assert_states_close(state_of(split), state_of(straight_runs(first)), steps=STEPS)
+
+
+def test_moco_two_processes_train_like_one(tmp_path, monkeypatch):
+  """MoCo across hosts: BN groups spanning processes, every process's keys in the queue,
+  the momentum encoder, and the kNN monitor over features sharded across processes.
+
+  demo_moco:tiny (4 steps, kNN at step 4) on 2 processes x 2 devices == 1 process x
+  4 devices fed the same global batches; tolerance as test_moco's 1-vs-8-device test
+  (SGD: the states compare directly), the kNN accuracy exactly.
+  """
+  workdir = tmp_path / "two"
+  run_job(workdir, 2, 2, "--config.checkpoint.async_save=False",
+          f"--config.moco.queue_size={test_moco.K}", config_arg="configs/demo_moco.py:tiny")
+  c = test_moco.tiny_config(max_devices=4)
+  monkeypatch.setattr(pipeline, "make_train_iterator", lambda cfg, global_batch_size, seed: (
+      _TwoShards(cfg, global_batch_size, seed, num_d_steps=1)))
+  loop.train_and_evaluate(c, str(tmp_path / "reference"))
+
+  two, one = (trainers.load_run(str(w), config=c)[2] for w in (workdir, tmp_path / "reference"))
+  assert int(two.step) == int(one.step) == c.train.total_steps
+  for (name, a), (_, b) in zip(test_moco.leaves(two), test_moco.leaves(one)):
+    scale = np.abs(b).max() if b.size else 0.0
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale + 1e-7, err_msg=name)
+  knn = [[r["knn_top1"] for r in common.read_metrics(str(w)) if "knn_top1" in r]
+         for w in (workdir, tmp_path / "reference")]
+  assert len(knn[0]) == 1 and knn[0] == knn[1], knn
