@@ -8,8 +8,10 @@ it needs no download.
 
 The kNN monitor (weighted kNN on the backbone's pooled features, train split
 as the bank, k=20 because the digits have ~150 training images per class)
-runs every 250 steps; README states the measured time and accuracies (trained
-vs untrained vs raw pixels, NDA vs `:baseline`). Then a linear probe:
+runs every 250 steps. Measured over seeds 0-2 (README has the details): the loss
+falls from 4.87 to 3.2-3.5; a linear probe of the backbone reaches 93.4% for
+both MoCo and MoCo + NDA (untrained backbone: 86.3%); kNN reads 84-92% (untrained
+93.3%, raw pixels 98.3%). Then a linear probe:
 `python -m nda_jax.main --config=configs/demo_linear.py --config.pretrained_workdir=runs/demo_moco --workdir=runs/demo_probe`.
 Variants: `:baseline` (no NDA), `:tiny` (a few steps, for tests).
 """
@@ -55,6 +57,11 @@ def get_config(arg=None):
   if "tiny" in variants:
     c.model.width = 4
     c.model.bn_group_size = 8
+    # aug+'s crops: with (0.5, 1) this width-4 net amplified the float rounding between
+    # 1 and 8 devices to 3.6% of a BN bias gradient in one step, from identical views
+    # (not diagnosed; near-constant channels in a BN group would do it); with (0.2, 1)
+    # the runs agree to 5e-6 (tests/test_moco.py).
+    c.aug.scale = (0.2, 1.0)
     c.train.batch_size = 32
     c.moco.queue_size = 128
     c.train.total_steps = 4
