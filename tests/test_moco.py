@@ -460,3 +460,33 @@ def test_bad_config_names_the_key(overrides, fragments):
 def test_good_config_passes():
   loop.check_config(tiny_config())
   loop.check_config(tiny_config(**CONFIGS["variants"]))
+
+
+# ---------------------------------------------------------------- the notebook
+def test_notebook_shows_nearest_neighbours_of_a_run(tmp_path, monkeypatch):
+  """notebooks/explore_moco.ipynb on a 2-step run: no error, the neighbour grid drawn,
+  and the label agreement it prints equals one computed here from the digits loaded
+  directly (not through the pipeline) and the run's embedder."""
+  import nbclient
+  import nbformat
+  from nda_jax.data import digits
+  run = tmp_path / "run"
+  loop.train_and_evaluate(tiny_config(**{"train.total_steps": 2}), str(run))
+  monkeypatch.setenv("NDA_WORKDIR", str(run))
+  path = os.path.join(REPO, "notebooks", "explore_moco.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                          resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert [o for o in outputs if "image/png" in o.get("data", {})]
+  text = "".join(o.get("text", "") for o in outputs)
+  printed = float(text.split("label agreement (top 5): ")[1].split()[0])
+
+  config, _, state = trainers.load_run(str(run))
+  embed = moco.make_embedder(config)
+  (train, train_y), (test, test_y) = (digits.load_digits(s, S) for s in ("train", "test"))
+  unit = lambda f: np.asarray(f) / np.linalg.norm(np.asarray(f), axis=1, keepdims=True)
+  similarity = unit(embed(state, test)) @ unit(embed(state, train)).T
+  top5 = np.argsort(-similarity, axis=1)[:, :5]
+  np.testing.assert_allclose(printed, np.mean(train_y[top5] == test_y[:, None]), atol=1e-4)
