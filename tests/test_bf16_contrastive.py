@@ -23,8 +23,9 @@ from nda_jax import optim
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import digits
+from test_bf16 import LR
+from test_bf16 import _gradients
 
-LR = 1e-3
 LOSS_RTOL = 2e-2
 MIN_COSINE = 0.85
 NORM_RTOL = 0.25
@@ -96,11 +97,8 @@ def test_loss_close_to_float32(steps):
 def test_gradients_close_to_float32(steps):
   """Every weight tensor (rank >= 2: convs, dense kernels) of the trained encoder."""
   name, out = steps
-  grads = {}
-  for dtype, (before, after, _) in out.items():
-    grads[dtype] = [(jax.tree_util.keystr(p), (np.asarray(b, np.float64) - np.asarray(a)) / LR)
-                    for (p, b), a in zip(jax.tree_util.tree_leaves_with_path(before.params),
-                                         jax.tree.leaves(after.params))]
+  grads = {dtype: [(jax.tree_util.keystr(p), g) for p, g in _gradients(before, after, "params")]
+           for dtype, (before, after, _) in out.items()}
   checked = 0
   for (path, g32), (_, g16) in zip(grads["float32"], grads["bfloat16"]):
     if g32.ndim < 2 or not np.any(g32):

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from nda_jax import checkpoint as ckpt_lib
+from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import pipeline
 from nda_jax.trainers import common
@@ -250,18 +251,24 @@ def test_moco_two_processes_train_like_one(tmp_path, monkeypatch):
   (SGD: the states compare directly), the kNN accuracy exactly.
   """
   workdir = tmp_path / "two"
-  run_job(workdir, 2, 2, "--config.checkpoint.async_save=False",
-          f"--config.moco.queue_size={test_moco.K}", config_arg="configs/demo_moco.py:tiny")
+  outputs = run_job(workdir, 2, 2, "--config.checkpoint.async_save=False",
+                    f"--config.moco.queue_size={test_moco.K}",
+                    config_arg="configs/demo_moco.py:tiny")
+  for i, out in enumerate(outputs):
+    assert f"process {i}/2, 2 local / 4 global devices" in out
   c = test_moco.tiny_config(max_devices=4)
   monkeypatch.setattr(pipeline, "make_train_iterator", lambda cfg, global_batch_size, seed: (
       _TwoShards(cfg, global_batch_size, seed, num_d_steps=1)))
+  meshes = []
+  real_data_parallel = parallel.DataParallel
+  monkeypatch.setattr(parallel, "DataParallel",
+                      lambda *a, **k: meshes.append(real_data_parallel(*a, **k)) or meshes[-1])
   loop.train_and_evaluate(c, str(tmp_path / "reference"))
+  assert meshes and meshes[0].num_devices == 4   # The loop's; evaluators may add others.
 
   two, one = (trainers.load_run(str(w), config=c)[2] for w in (workdir, tmp_path / "reference"))
   assert int(two.step) == int(one.step) == c.train.total_steps
-  for (name, a), (_, b) in zip(test_moco.leaves(two), test_moco.leaves(one)):
-    scale = np.abs(b).max() if b.size else 0.0
-    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale + 1e-7, err_msg=name)
+  test_moco.assert_leaves_close(two, one)
   knn = [[r["knn_top1"] for r in common.read_metrics(str(w)) if "knn_top1" in r]
          for w in (workdir, tmp_path / "reference")]
   assert len(knn[0]) == 1 and knn[0] == knn[1], knn
