@@ -335,3 +335,9 @@ def test_config_errors_name_the_key(dpc_run):
     (config[parent] if parent else config)[leaf] = value
     with pytest.raises(ValueError, match=match):
       vc.VideoClassifier(config).validate(8)
+  # Flipping clips whose label is their direction of motion gives half of them the wrong label.
+  direction = _probe_config("tiny,direction", "")
+  vc.VideoClassifier(direction).validate(8)
+  direction.aug.p_flip = 0.5
+  with pytest.raises(ValueError, match="moves the other way"):
+    vc.VideoClassifier(direction).validate(8)

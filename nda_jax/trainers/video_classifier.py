@@ -211,6 +211,10 @@ class VideoClassifier(method_lib.Method):
       method_lib.check_range(c, key, low=0.0, high=0.99)
     for key in ("aug.p_jitter", "aug.p_flip"):
       method_lib.check_range(c, key, low=0.0, high=1.0)
+    if c.data.get("label_key") == "direction" and c.aug.p_flip > 0:
+      raise ValueError(f"config.aug.p_flip={c.aug.p_flip} with data.label_key='direction': "
+                       f"a flipped clip moves the other way, so flipped training clips "
+                       f"would carry the wrong label; set --config.aug.p_flip=0")
     low, high = c.aug.scale
     if not 0 < low <= high <= 1:
       raise ValueError(f"config.aug.scale={tuple(c.aug.scale)} must satisfy 0 < low <= high <= 1")
