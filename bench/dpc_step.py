@@ -1,4 +1,4 @@
-r"""DPC step speed, with and without NDA negatives: clips/s and the NDA's overhead.
+r"""DPC step speed, with and without NDA negatives: clips/s, FLOP utilisation, NDA overhead.
 
   python bench/dpc_step.py [--cases=demo,r18_128] [--batch=0] [--iters=5] [--quick]
 
@@ -13,12 +13,16 @@ them. The step runs on every device present (shard_map); --batch is global
 (0: the config's, --quick's 8 on CPU). The two variants of a case are timed
 alternately, call by call, so that load from other processes hits both alike.
 
-NDA's extra work is the encoder on pred_step of num_seq blocks (3/8 of the
-encoder for DPC's sizes, 2/4 for the demo), without the ConvGRU or the loss:
-that block ratio is printed beside the measured overhead as an upper guide.
+NDA's extra work is the encoder's forward and backward on pred_step of
+num_seq blocks (3/8 of the encoder for DPC's sizes, 2/4 for the demo), without
+the ConvGRU; the loss gains B * pred_step * grid^2 candidates. The predicted
+overhead is FLOPs(nda) / FLOPs(off) - 1, XLA's cost analysis of each step
+before optimisation built with conv_impl="xla" (convolutions counted as such,
+as bench/moco_step.py does); the measured time overhead is printed beside it.
+Utilisation is FLOP/s over the dense float32 matmul throughput measured in the
+same run.
 """
 import argparse
-import time
 
 import jax
 import ml_collections
@@ -26,16 +30,18 @@ import numpy as np
 
 from configs import demo_video
 from configs import ucf101_dpc
-from nda_jax import parallel
 from nda_jax.trainers import dpc
+import timing
 
 CASES = {"demo": demo_video.get_config, "r18_128": ucf101_dpc.get_config}
 QUICK_BATCH = 8
 VARIANTS = ("off", "nda")
 
 
-def make_config(case: str, batch: int, nda: bool) -> ml_collections.ConfigDict:
+def make_config(case: str, batch: int, nda: bool,
+                conv_impl: str = "auto") -> ml_collections.ConfigDict:
   c = CASES[case]()
+  c.model.conv_impl = conv_impl
   if batch:
     c.train.batch_size = batch
     c.model.bn_group_size = min(c.model.bn_group_size, batch)
@@ -44,36 +50,16 @@ def make_config(case: str, batch: int, nda: bool) -> ml_collections.ConfigDict:
   return c
 
 
-class Runner:
-  """One variant's step on a fixed batch, carrying its state from call to call."""
-
-  def __init__(self, config: ml_collections.ConfigDict, seed: int = 0):
-    dp = parallel.DataParallel("shard_map")
-    method = dpc.DPC(config, num_train_examples=1000)
-    method.validate(dp.num_devices)
-    t = time.perf_counter()
-    self.state = dp.put_state(method.init_state(jax.random.PRNGKey(seed)))
-    self.step = dp.step(method.make_step())
-    d = config.data
-    host = np.random.RandomState(seed).randint(
-        0, 256, (config.train.batch_size, d.num_frames, d.image_size, d.image_size, d.channels))
-    self.batch = dp.shard_batch({"image": host.astype(np.uint8)})
-    self()
-    self.first_call = time.perf_counter() - t    # init, compile and one step
-
-  def __call__(self) -> None:
-    self.state, metrics = self.step(self.state, self.batch)
-    jax.block_until_ready(metrics)
-
-
-def median_seconds(runners: dict[str, Runner], iters: int) -> dict[str, float]:
-  times = {name: [] for name in runners}
-  for _ in range(iters):
-    for name, run in runners.items():
-      t = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(t)) for name, t in times.items()}
+def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
+  """The variant's step on random uint8 clips, with its FLOPs counted (see above)."""
+  config = make_config(case, batch, nda)
+  d = config.data
+  host = {"image": np.random.RandomState(0).randint(
+      0, 256, (config.train.batch_size, d.num_frames, d.image_size, d.image_size, d.channels)
+  ).astype(np.uint8)}
+  counted = make_config(case, batch, nda, conv_impl="xla")
+  return timing.StepRunner(dpc.DPC(config, num_train_examples=1000), host,
+                           flops_method=dpc.DPC(counted, num_train_examples=1000))
 
 
 def main():
@@ -85,24 +71,29 @@ def main():
                       help=f"CPU-sized: batch {QUICK_BATCH} unless --batch, 2 iterations")
   args = parser.parse_args()
   iters = 2 if args.quick else args.iters
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()})")
-  print(f"{'case':>8} {'batch':>5} {'variant':>7} {'s/step':>8} {'clips/s':>8} {'vs off':>7} "
-        f"{'1st call s':>10}", flush=True)
+  peak = timing.matmul_flops_per_sec()
+  devices = jax.device_count()
+  print(f"devices: {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
+  print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
+  print(f"{'case':>8} {'batch':>5} {'variant':>7} {'s/step':>8} {'clips/s':>8} {'GFLOP/step':>10} "
+        f"{'GFLOP/s':>8} {'util':>6} {'vs off':>7} {'1st call s':>10}", flush=True)
   for case in args.cases.split(","):
     if case not in CASES:
       raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
     batch = args.batch or (QUICK_BATCH if args.quick else 0)
-    runners = {v: Runner(make_config(case, batch, v == "nda")) for v in VARIANTS}
-    sec = median_seconds(runners, iters)
+    runners = {v: make_runner(case, batch, v == "nda") for v in VARIANTS}
+    sec = timing.median_seconds(runners, iters)
     clips = make_config(case, batch, False).train.batch_size
     for v, run in runners.items():
-      print(f"{case:>8} {clips:>5} {v:>7} {sec[v]:>8.3f} {clips / sec[v]:>8.1f} "
-            f"{sec['off'] / sec[v]:>6.2f}x {run.first_call:>10.1f}", flush=True)
+      s = sec[v]
+      print(f"{case:>8} {clips:>5} {v:>7} {s:>8.3f} {clips / s:>8.1f} {run.flops / 1e9:>10.1f} "
+            f"{run.flops / s / 1e9:>8.1f} {run.flops / s / (peak * devices):>6.1%} "
+            f"{sec['off'] / s:>6.2f}x {run.first_call:>10.1f}", flush=True)
+    predicted = runners["nda"].flops / runners["off"].flops - 1
     m = make_config(case, batch, True).model
-    print(f"{case:>8} NDA overhead: measured {sec['nda'] / sec['off'] - 1:+.1%} of a step's time; "
-          f"the NDA pass encodes {m.pred_step}/{m.num_seq} = {m.pred_step / m.num_seq:.0%} of "
-          f"the blocks, without ConvGRU or loss", flush=True)
+    print(f"{case:>8} NDA overhead: measured {sec['nda'] / sec['off'] - 1:+.1%} of a step's time, "
+          f"predicted {predicted:+.1%} (FLOP ratio; the NDA pass encodes {m.pred_step}/"
+          f"{m.num_seq} of the blocks, without ConvGRU)", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,30 +24,14 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import common
 from nda_jax import parallel
 from nda_jax import xla_cpu
 from nda_jax.trainers import gan
-
-
-def matmul_flops_per_sec(repeats: int = 5) -> float:
-  """Dense float32 matmul throughput of one device (the roofline reference).
-
-  At default precision, as the model runs (TF32 tensor cores on recent GPUs).
-  """
-  n = 2048 if jax.default_backend() == "cpu" else 8192
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / float(np.median(times))
+from timing import lowered_flops
+from timing import matmul_flops_per_sec
 
 
 def setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
@@ -70,10 +54,7 @@ def setup(width: int, batch: int, conv_impl: str, d_steps_lowering: str):
 
 def count_flops(width: int, batch: int) -> float:
   """FLOPs of one iteration: the same program for every variant (see above)."""
-  step, state, batch_arrays = setup(width, batch, "matmul", "unroll")
-  cost = step.lower(state, batch_arrays).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return lowered_flops(*setup(width, batch, "matmul", "unroll"))
 
 
 def time_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str, float]:

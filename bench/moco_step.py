@@ -26,16 +26,14 @@ prediction. Utilisation is FLOP/s over the dense float32 matmul throughput
 measured in the same run.
 """
 import argparse
-import time
 
 import jax
 import ml_collections
 import numpy as np
 
 from configs import common
-from gan_step import matmul_flops_per_sec
-from nda_jax import parallel
 from nda_jax.trainers import moco
+import timing
 
 # case -> (arch, stem, host image size, crop size, queue size)
 CASES = {
@@ -60,51 +58,14 @@ def make_config(case: str, batch: int, nda: bool,
   return c
 
 
-def setup(config: ml_collections.ConfigDict, seed: int = 0):
-  """(jitted step over all devices, replicated state, sharded uint8 batch)."""
-  dp = parallel.DataParallel("shard_map")
-  method = moco.MoCo(config)
-  method.validate(dp.num_devices)
-  state = dp.put_state(method.init_state(jax.random.PRNGKey(seed)))
-  step = dp.step(method.make_step())
+def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
+  """The variant's step on random uint8 images, with its FLOPs counted (see above)."""
+  config = make_config(case, batch, nda)
   size = config.data.image_size
-  host = {"image": np.random.RandomState(seed).randint(
-      0, 256, (config.train.batch_size, size, size, config.data.channels)).astype(np.uint8)}
-  return step, state, dp.shard_batch(host)
-
-
-def count_flops(case: str, batch: int, nda: bool, state, batch_arrays) -> float:
-  """FLOPs of one step: the conv_impl='xla' program, before optimisation (see above)."""
-  config = make_config(case, batch, nda, conv_impl="xla")
-  step = parallel.DataParallel("shard_map").step(moco.MoCo(config).make_step())
-  cost = step.lower(state, batch_arrays).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
-class Runner:
-  """One variant's step, carrying its state from call to call."""
-
-  def __init__(self, case: str, batch: int, nda: bool):
-    self.step, self.state, self.batch = setup(make_config(case, batch, nda))
-    self.flops = count_flops(case, batch, nda, self.state, self.batch)
-    t = time.perf_counter()
-    self()
-    self.first_call = time.perf_counter() - t
-
-  def __call__(self) -> None:
-    self.state, metrics = self.step(self.state, self.batch)
-    jax.block_until_ready(metrics)
-
-
-def median_seconds(runners: dict[str, Runner], iters: int) -> dict[str, float]:
-  times = {name: [] for name in runners}
-  for _ in range(iters):
-    for name, run in runners.items():
-      t = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  host = {"image": np.random.RandomState(0).randint(
+      0, 256, (batch, size, size, config.data.channels)).astype(np.uint8)}
+  counted = moco.MoCo(make_config(case, batch, nda, conv_impl="xla"))
+  return timing.StepRunner(moco.MoCo(config), host, flops_method=counted)
 
 
 def main():
@@ -116,7 +77,7 @@ def main():
                       help=f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations")
   args = parser.parse_args()
   iters = 2 if args.quick else args.iters
-  peak = matmul_flops_per_sec()
+  peak = timing.matmul_flops_per_sec()
   devices = jax.device_count()
   print(f"devices: {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
@@ -126,8 +87,8 @@ def main():
     if case not in CASES:
       raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
     batch = args.batch or (QUICK_BATCH[case] if args.quick else 256)
-    runners = {v: Runner(case, batch, v == "nda") for v in VARIANTS}
-    sec = median_seconds(runners, iters)
+    runners = {v: make_runner(case, batch, v == "nda") for v in VARIANTS}
+    sec = timing.median_seconds(runners, iters)
     for v, run in runners.items():
       s = sec[v]
       print(f"{case:>8} {batch:>5} {v:>7} {s:>8.3f} {batch / s:>8.1f} {run.flops / 1e9:>10.1f} "

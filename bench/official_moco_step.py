@@ -43,7 +43,7 @@ from unittest import mock
 import jax
 
 import moco_step
-from official_torch_step import median_seconds
+from timing import median_seconds
 from nda_jax.models import resnet
 
 # main_moco.py's MoCo-v2 hyper-parameters (--mlp --moco-t 0.2; SGD as its defaults).
@@ -160,13 +160,7 @@ def official_step(repo: str, torch, case: str, batch: int, device: str) -> Calla
 
 def nda_jax_step(case: str, batch: int, nda: bool) -> Callable[[], None]:
   """One call = one nda_jax step, as bench/moco_step.py builds it."""
-  step, state, batch_arrays = moco_step.setup(moco_step.make_config(case, batch, nda))
-  holder = [state]
-
-  def one():
-    holder[0], metrics = step(holder[0], batch_arrays)
-    jax.block_until_ready(metrics)
-  return one
+  return moco_step.make_runner(case, batch, nda)
 
 
 def main() -> None:

@@ -22,12 +22,11 @@ their place, so that only the training code is needed.
 import argparse
 import importlib
 import sys
-import time
 import types
 from typing import Callable
 from unittest import mock
 
-import numpy as np
+from timing import median_seconds
 
 # train_C10.sh, minus data, logging and evaluation flags.
 TRAIN_C10_ARGS = [
@@ -100,19 +99,6 @@ def nda_jax_iteration(width: int, batch: int) -> Callable[[], None]:
     holder[0], metrics = step(holder[0], batch_arrays)
     jax.block_until_ready(metrics)
   return one
-
-
-def median_seconds(calls: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
-  """Median wall time per call after a warm-up call, the calls taken in turn."""
-  for one in calls.values():
-    one()  # warm-up (compilation, cuDNN autotuning, allocator)
-  times = {name: [] for name in calls}
-  for _ in range(iters):
-    for name, one in calls.items():
-      t = time.perf_counter()
-      one()
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""What the step benchmarks share: the roofline reference, XLA's FLOP count, timing.
+
+Imported by the scripts next to it (`python bench/<name>.py` puts bench/ on
+sys.path); not part of the package.
+"""
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nda_jax import parallel
+
+
+def matmul_flops_per_sec(repeats: int = 5) -> float:
+  """Dense float32 matmul throughput of one device (the roofline reference).
+
+  At default precision, as the model runs (TF32 tensor cores on recent GPUs).
+  """
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def lowered_flops(step, *args) -> float:
+  """XLA's FLOP count of `step(*args)` before optimisation; nan where the backend has none."""
+  cost = step.lower(*args).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+class StepRunner:
+  """A method's data-parallel step on one fixed batch, carrying its state from call to call.
+
+  `flops` is XLA's count for `flops_method`'s step (default: `method`'s) on the
+  same state and batch: a benchmark may count a program other than the one it
+  times (convolutions XLA can count, a loop unrolled).
+  """
+
+  def __init__(self, method, host_batch: dict[str, np.ndarray], flops_method=None, seed: int = 0):
+    dp = parallel.DataParallel("shard_map")
+    method.validate(dp.num_devices)
+    self.state = dp.put_state(method.init_state(jax.random.PRNGKey(seed)))
+    self.step = dp.step(method.make_step())
+    self.batch = dp.shard_batch(host_batch)
+    self.flops = lowered_flops(dp.step((flops_method or method).make_step()),
+                               self.state, self.batch)
+    t = time.perf_counter()
+    self()
+    self.first_call = time.perf_counter() - t    # compile and one step
+
+  def __call__(self) -> None:
+    self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready(metrics)
+
+
+def median_seconds(calls: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+  """Median wall time per call after a warm-up call; the calls take turns, so that
+  load from other processes hits all alike."""
+  for one in calls.values():
+    one()  # warm-up (compilation, cuDNN autotuning, allocator)
+  times = {name: [] for name in calls}
+  for _ in range(iters):
+    for name, one in calls.items():
+      t = time.perf_counter()
+      one()
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(t)) for name, t in times.items()}
