@@ -24,7 +24,6 @@ same run.
 """
 import argparse
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -35,7 +34,6 @@ import timing
 
 CASES = {"demo": demo_video.get_config, "r18_128": ucf101_dpc.get_config}
 QUICK_BATCH = 8
-VARIANTS = ("off", "nda")
 
 
 def make_config(case: str, batch: int, nda: bool,
@@ -70,30 +68,19 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help=f"CPU-sized: batch {QUICK_BATCH} unless --batch, 2 iterations")
   args = parser.parse_args()
-  iters = 2 if args.quick else args.iters
-  peak = timing.matmul_flops_per_sec()
-  devices = jax.device_count()
-  print(f"devices: {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
-  print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
-  print(f"{'case':>8} {'batch':>5} {'variant':>7} {'s/step':>8} {'clips/s':>8} {'GFLOP/step':>10} "
-        f"{'GFLOP/s':>8} {'util':>6} {'vs off':>7} {'1st call s':>10}", flush=True)
-  for case in args.cases.split(","):
+  cases = args.cases.split(",")
+  for case in cases:
     if case not in CASES:
       raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
-    batch = args.batch or (QUICK_BATCH if args.quick else 0)
-    runners = {v: make_runner(case, batch, v == "nda") for v in VARIANTS}
-    sec = timing.median_seconds(runners, iters)
-    clips = make_config(case, batch, False).train.batch_size
-    for v, run in runners.items():
-      s = sec[v]
-      print(f"{case:>8} {clips:>5} {v:>7} {s:>8.3f} {clips / s:>8.1f} {run.flops / 1e9:>10.1f} "
-            f"{run.flops / s / 1e9:>8.1f} {run.flops / s / (peak * devices):>6.1%} "
-            f"{sec['off'] / s:>6.2f}x {run.first_call:>10.1f}", flush=True)
-    predicted = runners["nda"].flops / runners["off"].flops - 1
+  batch = args.batch or (QUICK_BATCH if args.quick else 0)
+
+  def note(case: str) -> str:
     m = make_config(case, batch, True).model
-    print(f"{case:>8} NDA overhead: measured {sec['nda'] / sec['off'] - 1:+.1%} of a step's time, "
-          f"predicted {predicted:+.1%} (FLOP ratio; the NDA pass encodes {m.pred_step}/"
-          f"{m.num_seq} of the blocks, without ConvGRU)", flush=True)
+    return f"; the NDA pass encodes {m.pred_step}/{m.num_seq} of the blocks, without ConvGRU"
+
+  timing.compare_nda(cases, lambda case, nda: make_runner(case, batch, nda),
+                     lambda case: make_config(case, batch, False).train.batch_size,
+                     iters=2 if args.quick else args.iters, unit="clips", note=note)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ measured in the same run.
 """
 import argparse
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -41,7 +40,6 @@ CASES = {
     "r50_224": ("resnet50", "imagenet", 256, 224, 65536),
 }
 QUICK_BATCH = {"r18_32": 64, "r50_224": 8}
-VARIANTS = ("off", "nda")
 
 
 def make_config(case: str, batch: int, nda: bool,
@@ -76,28 +74,16 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help=f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations")
   args = parser.parse_args()
-  iters = 2 if args.quick else args.iters
-  peak = timing.matmul_flops_per_sec()
-  devices = jax.device_count()
-  print(f"devices: {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
-  print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
-  print(f"{'case':>8} {'batch':>5} {'variant':>7} {'s/step':>8} {'img/s':>8} {'GFLOP/step':>10} "
-        f"{'GFLOP/s':>8} {'util':>6} {'vs off':>7} {'1st call s':>10}", flush=True)
-  for case in args.cases.split(","):
+  cases = args.cases.split(",")
+  for case in cases:
     if case not in CASES:
       raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
-    batch = args.batch or (QUICK_BATCH[case] if args.quick else 256)
-    runners = {v: make_runner(case, batch, v == "nda") for v in VARIANTS}
-    sec = timing.median_seconds(runners, iters)
-    for v, run in runners.items():
-      s = sec[v]
-      print(f"{case:>8} {batch:>5} {v:>7} {s:>8.3f} {batch / s:>8.1f} {run.flops / 1e9:>10.1f} "
-            f"{run.flops / s / 1e9:>8.1f} {run.flops / s / (peak * devices):>6.1%} "
-            f"{sec['off'] / s:>6.2f}x {run.first_call:>10.1f}", flush=True)
-    predicted = runners["nda"].flops / runners["off"].flops - 1
-    measured = sec["nda"] / sec["off"] - 1
-    print(f"{case:>8} NDA overhead: measured {measured:+.1%} of a step's time, "
-          f"predicted {predicted:+.1%} (FLOP ratio)", flush=True)
+
+  def batch_of(case: str) -> int:
+    return args.batch or (QUICK_BATCH[case] if args.quick else 256)
+
+  timing.compare_nda(cases, lambda case, nda: make_runner(case, batch_of(case), nda), batch_of,
+                     iters=2 if args.quick else args.iters, unit="img")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,29 @@ def median_seconds(calls: dict[str, Callable[[], None]], iters: int) -> dict[str
       one()
       times[name].append(time.perf_counter() - t)
   return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def compare_nda(cases: list[str], make_runner: Callable[[str, bool], StepRunner],
+                batch_of: Callable[[str], int], iters: int, unit: str,
+                note: Callable[[str], str] = lambda case: "") -> None:
+  """Per case, NDA off and on: time, throughput, FLOPs, utilisation; then the NDA
+  overhead measured against the FLOP ratio's prediction (`note(case)` after it)."""
+  peak = matmul_flops_per_sec()
+  devices = jax.device_count()
+  print(f"devices: {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
+  print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
+  print(f"{'case':>8} {'batch':>5} {'variant':>7} {'s/step':>8} {unit + '/s':>8} {'GFLOP/step':>10} "
+        f"{'GFLOP/s':>8} {'util':>6} {'vs off':>7} {'1st call s':>10}", flush=True)
+  for case in cases:
+    runners = {v: make_runner(case, v == "nda") for v in ("off", "nda")}
+    sec = median_seconds(runners, iters)
+    batch = batch_of(case)
+    for v, run in runners.items():
+      s = sec[v]
+      print(f"{case:>8} {batch:>5} {v:>7} {s:>8.3f} {batch / s:>8.1f} {run.flops / 1e9:>10.1f} "
+            f"{run.flops / s / 1e9:>8.1f} {run.flops / s / (peak * devices):>6.1%} "
+            f"{sec['off'] / s:>6.2f}x {run.first_call:>10.1f}", flush=True)
+    predicted = runners["nda"].flops / runners["off"].flops - 1
+    measured = sec["nda"] / sec["off"] - 1
+    print(f"{case:>8} NDA overhead: measured {measured:+.1%} of a step's time, "
+          f"predicted {predicted:+.1%} (FLOP ratio){note(case)}", flush=True)
