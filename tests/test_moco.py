@@ -263,7 +263,8 @@ def test_momentum_update_comes_first_and_key_encoder_gets_no_gradient(nda_1):
 #   float64, the same code: every quantity and gradient <= 7.8e-15; that is the check a
 #     wrong psum, group or pmean cannot pass (test_..._in_float64).
 # So float32 forward quantities get 2e-5 of their scale (10x the measured), the gradients
-# 0.3 of each leaf's scale (8x the one kink measured; no BN psum gives > 1, see below), and
+# 0.3 of each leaf's scale (8x the one kink measured; gradients psum'd instead of pmean'd
+# give 7.0 on all 64 leaves, BN moments not psum'd give q 0.56 apart and NaN gradients), and
 # each step restarts from the 1-device state so that drift does not compound.
 FORWARD_TOL = 2e-5
 GRADIENT_KINK = 0.3
