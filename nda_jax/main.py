@@ -41,7 +41,7 @@ def main(argv):
     loop.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, ckpt_lib.DamagedCheckpointError,
           loop.NonFiniteError) as e:
-    cli.fail(_PROG, str(e))
+    cli.fail(_PROG, cli.describe_storage_error(e) or str(e))
   except KeyboardInterrupt as e:
     print(f"nda_jax: {e}", file=sys.stderr)
     sys.exit(130)

@@ -6,6 +6,7 @@ workdir made once for the module (config.json, a step-2 checkpoint with its pipe
 position, metrics.jsonl). The cases run a few at a time; each test then checks one.
 """
 from concurrent import futures
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from test_gan_trainer import tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240   # A case that does not fail starts training (minutes to compile): a failure.
 
+# Without torch (README's install) the importers name the extra that installs it.
+UNREADABLE_PTH = ("not a readable PyTorch file" if importlib.util.find_spec("torch")
+                  else "install the 'torch' extra, pip install -e '.[torch]'")
 MAIN = ("nda_jax.main", "--config=configs/demo.py:tiny", "--workdir={W}")
 SAMPLE = ("nda_jax.sample", "--workdir={W}", "--out={T}/s.png")
 
@@ -120,12 +124,12 @@ CASES = [
     ("inception_missing_weights", ("nda_jax.importers.inception", "--pth={N}.pth", "--out={T}/i.npz"),
      "No FID Inception weights"),
     ("inception_unreadable_weights", ("nda_jax.importers.inception", "--pth={JUNK}.pth",
-                                      "--out={T}/i.npz"), "not a readable PyTorch file"),
+                                      "--out={T}/i.npz"), UNREADABLE_PTH),
     ("inception_out_extension", ("nda_jax.importers.inception", "--pth={N}.pth", "--out={T}/i.txt"),
      "--out={T}/i.txt: use a .npz file name"),
     ("biggan_import_unreadable", ("nda_jax.importers.biggan_pytorch", "--G={JUNK}.pth",
                                   "--D={JUNK}.pth", "--config=configs/demo.py:tiny",
-                                  "--workdir={T}/imported"), "not a readable PyTorch file"),
+                                  "--workdir={T}/imported"), UNREADABLE_PTH),
     ("biggan_import_into_a_run", ("nda_jax.importers.biggan_pytorch", "--G={N}.pth", "--D={N}.pth",
                                   "--config=configs/demo.py:tiny", "--workdir={W}"),
      "already holds checkpoints [2]"),
