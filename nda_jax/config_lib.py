@@ -26,7 +26,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = workdir_lib.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+    raise ValueError(f"{path} is not a readable config ({type(e).__name__}: {e}): the file is "
+                     f"truncated or was edited by hand; restore it from a copy, or write it "
+                     f"again by resuming the run with its --config") from None
   if "trainer" in config and "dtype" not in config:
     config.dtype = "float32"    # Runs from before config.dtype computed in float32.
   _upgrade_gan_optim(config)

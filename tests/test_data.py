@@ -241,10 +241,15 @@ def test_image_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train.*ROOT/<split>"):
     sources.make_source(cfg, "train")
   (tmp_path / "train" / "n01").mkdir(parents=True)
-  with pytest.raises(ValueError, match="No .* images"):
+  with pytest.raises(ValueError, match=f"Class folder '{tmp_path}/train/n01' holds no"):
     sources.make_source(cfg, "train")
   (tmp_path / "train" / "n01" / "bad.png").write_bytes(b"garbage")
   source = sources.make_source(cfg, "train")
+  # An empty class folder beside full ones is named and refused, not counted as a class.
+  (tmp_path / "train" / "n02").mkdir()
+  with pytest.raises(ValueError, match=f"Class folder '{tmp_path}/train/n02' holds no"):
+    sources.make_source(cfg, "train")
+  (tmp_path / "train" / "n02").rmdir()
   with pytest.raises(ValueError, match="bad.png.*corrupt"):
     source[0]  # pylint: disable=pointless-statement
   subset = tmp_path / "subset.txt"
