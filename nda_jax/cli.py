@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import errno
 import functools
 import os
+import re
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -69,7 +70,8 @@ def describe_storage_error(error: BaseException) -> str | None:
       code = next((c for c in _STORAGE_ERRORS if os.strerror(c) in text), None)
       if code is None:
         continue
-    where = getattr(e, "filename", None) or "a file"
+    quoted = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))  # tensorstore's
+    where = getattr(e, "filename", None) or (quoted.group(1) if quoted else "a file")
     return (f"cannot write {where}: {_STORAGE_ERRORS[code]} ({os.strerror(code)}). Free "
             f"space or make that folder writable (or pass another --workdir/--out), then run "
             f"the command again: what was written before is kept, and a training run resumes "
@@ -110,8 +112,10 @@ def describe_config_file_error(value: str, error: BaseException) -> str:
     message, line, text = error.msg, error.lineno, error.text or ""
   else:
     frames = in_file(error)
-    message, line, text = str(error), frames[-1].lineno if frames else None, (
-        frames[-1].line if frames else "")
+    detail = error.args[0] if len(error.args) == 1 else error   # ml_collections: a KeyError
+    detail = detail.args[0] if isinstance(detail, KeyError) and detail.args else detail
+    message, line, text = "; ".join(str(detail).splitlines()), (
+        frames[-1].lineno if frames else None), frames[-1].line if frames else ""
   where = f" ({value.split(':', 1)[0]}, line {line}: {text.strip()})" if line else ""
   return f"--config={value}: loading the config raised {type(error).__name__}: {message}{where}"
 

@@ -152,7 +152,8 @@ CASES = [
     ("config_syntax_error", ("nda_jax.main", "--config={SYN}", "--workdir={T}/run"),
      "SyntaxError: invalid syntax ({SYN}, line 1: def get_config(:)"),
     ("config_typo_attribute", ("nda_jax.main", "--config={TYPO}", "--workdir={T}/run"),
-     "AttributeError: \"'trian'\" ({TYPO}, line 5: config.trian.batch_size = 16)"),
+     "AttributeError: 'trian'; Did you mean \"train\" instead of \"trian\"? ({TYPO}, line 5: "
+     "config.trian.batch_size = 16)"),
     ("truncated_config_sample", ("nda_jax.sample", "--workdir={TC}", "--out={T}/s.png"),
      "{TC}/config.json is not a readable config (JSONDecodeError"),
     ("truncated_config_eval", ("nda_jax.eval", "--workdir={TC}"),
@@ -324,7 +325,9 @@ _TENSORSTORE_FULL = (
 
 def test_storage_errors_are_recognised_in_a_chain():
   from nda_jax import cli  # pylint: disable=g-import-not-at-top
-  assert "the disk is full" in cli.describe_storage_error(ValueError(_TENSORSTORE_FULL))
+  assert cli.describe_storage_error(ValueError(_TENSORSTORE_FULL)).startswith(
+      "cannot write /mnt/run/checkpoints/2.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/"
+      "ocdbt.process_0/d/426e31b244e2a849431e8100b929c814: the disk is full")
   try:
     try:
       raise OSError(30, os.strerror(30), "/ro/run/config.json")
