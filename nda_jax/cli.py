@@ -72,7 +72,8 @@ def describe_storage_error(error: BaseException) -> str | None:
         continue
     quoted = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))  # tensorstore's
     where = getattr(e, "filename", None) or (quoted.group(1) if quoted else "a file")
-    return (f"cannot write {where}: {_STORAGE_ERRORS[code]} ({os.strerror(code)}). Free "
+    verb = "access" if code in (errno.EACCES, errno.EPERM) else "write"
+    return (f"cannot {verb} {where}: {_STORAGE_ERRORS[code]} ({os.strerror(code)}). Free "
             f"space or make that folder writable (or pass another --workdir/--out), then run "
             f"the command again: what was written before is kept, and a training run resumes "
             f"from its last complete checkpoint.")
