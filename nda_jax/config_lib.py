@@ -11,10 +11,21 @@ CONFIG_FILE = "config.json"
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """The resolved config, beside the run's checkpoints."""
+  """The resolved config, beside the run's checkpoints; a local file is replaced whole
+  (a full disk leaves the previous one, not a truncated one; bucket objects are anyway)."""
   path = workdir_lib.path(workdir) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2))
+  text = config.to_json_best_effort(indent=2)
+  if not workdir_lib.is_local(workdir):
+    path.write_text(text)
+    return
+  partial = path.with_name(CONFIG_FILE + ".partial")
+  try:
+    partial.write_text(text)
+    partial.replace(path)
+  finally:
+    if partial.exists():
+      partial.unlink()
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -26,7 +37,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = workdir_lib.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+    raise ValueError(f"{path} is not a readable config ({type(e).__name__}: {e}): the file is "
+                     f"truncated or was edited by hand; restore it from a copy, or write it "
+                     f"again by resuming the run with its --config") from None
   if "trainer" in config and "dtype" not in config:
     config.dtype = "float32"    # Runs from before config.dtype computed in float32.
   _upgrade_gan_optim(config)

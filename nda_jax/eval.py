@@ -38,6 +38,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from nda_jax import cli
 from nda_jax import config_lib
 from nda_jax import evaluators as evaluators_lib
 from nda_jax import parallel
@@ -250,11 +251,11 @@ def _cli() -> None:
   if not workdir:
     sys.exit(f"{_PROG}: error: --workdir=DIR (a run's workdir) is required")
   try:
-    define_flags(load_run_config(workdir), sys.argv)
+    cli.guard(lambda argv: define_flags(load_run_config(workdir), argv), _PROG)(sys.argv)
   except (FileNotFoundError, ValueError) as e:
     print(f"{_PROG}: error: {e}", file=sys.stderr)
     sys.exit(2)
-  app.run(main)
+  app.run(cli.guard(main, _PROG))
 
 
 if __name__ == "__main__":

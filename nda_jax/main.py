@@ -27,7 +27,11 @@ class _QuietLibraries(std_logging.Filter):
   """Keeps the progress log readable: Orbax logs every save at INFO."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    # A failed save is re-raised to `main`, which says what to do: its line is enough.
+    record.exc_info = record.exc_text = None
+    return record.levelno >= std_logging.WARNING
 
 
 def main(argv):
@@ -41,7 +45,7 @@ def main(argv):
     loop.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, ckpt_lib.DamagedCheckpointError,
           loop.NonFiniteError) as e:
-    cli.fail(_PROG, str(e))
+    cli.fail(_PROG, cli.describe_storage_error(e) or str(e))
   except KeyboardInterrupt as e:
     print(f"nda_jax: {e}", file=sys.stderr)
     sys.exit(130)

@@ -6,12 +6,15 @@ workdir made once for the module (config.json, a step-2 checkpoint with its pipe
 position, metrics.jsonl). The cases run a few at a time; each test then checks one.
 """
 from concurrent import futures
+import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from nda_jax import config_lib
@@ -24,13 +27,24 @@ from test_gan_trainer import tiny_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240   # A case that does not fail starts training (minutes to compile): a failure.
 
+# Without torch (README's install) the importers name the extra that installs it.
+UNREADABLE_PTH = ("not a readable PyTorch file" if importlib.util.find_spec("torch")
+                  else "install the 'torch' extra, pip install -e '.[torch]'")
 MAIN = ("nda_jax.main", "--config=configs/demo.py:tiny", "--workdir={W}")
 SAMPLE = ("nda_jax.sample", "--workdir={W}", "--out={T}/s.png")
+
+# A command under `faults` sees FOLDER's file system refuse writes (tests/faults.py).
+def _faulty(code, folder, *substring):
+  return ("faults", code, folder, *substring, "--")
+
 
 # (id, command, a fragment the message must hold). {W}: the run's workdir; {C}: a folder
 # with the run's config.json but no checkpoint; {N}: a path that does not exist; {T}: a
 # scratch folder for outputs (it must stay empty); {NPY}: latents of the wrong shape;
-# {JUNK}: a file of random bytes.
+# {JUNK}: a file of random bytes; {F}: a finished run (its checkpoint at the last step);
+# {TC}: a run whose config.json is cut off; {SYN}, {TYPO}: config files with a syntax
+# error and a typo'd attribute; {IMG}: an image folder with an empty class folder;
+# {CRAFTED}: CIFAR-10 files whose unpickling would create {T}/created.
 CASES = [
     # Flags and the config file.
     ("unknown_key", MAIN + ("--config.train.bach_size=3",), "did you mean --config.train.batch_size"),
@@ -120,16 +134,43 @@ CASES = [
     ("inception_missing_weights", ("nda_jax.importers.inception", "--pth={N}.pth", "--out={T}/i.npz"),
      "No FID Inception weights"),
     ("inception_unreadable_weights", ("nda_jax.importers.inception", "--pth={JUNK}.pth",
-                                      "--out={T}/i.npz"), "not a readable PyTorch file"),
+                                      "--out={T}/i.npz"), UNREADABLE_PTH),
     ("inception_out_extension", ("nda_jax.importers.inception", "--pth={N}.pth", "--out={T}/i.txt"),
      "--out={T}/i.txt: use a .npz file name"),
     ("biggan_import_unreadable", ("nda_jax.importers.biggan_pytorch", "--G={JUNK}.pth",
                                   "--D={JUNK}.pth", "--config=configs/demo.py:tiny",
-                                  "--workdir={T}/imported"), "not a readable PyTorch file"),
+                                  "--workdir={T}/imported"), UNREADABLE_PTH),
+    # A storage that refuses writes, a config that cannot be read, data that is not data.
+    ("disk_full_new_run", _faulty("ENOSPC", "{T}") + MAIN[:2] + ("--workdir={T}/run",),
+     "cannot write {T}/run: the disk is full"),
+    ("disk_full_at_config", _faulty("ENOSPC", "{W}", "config.json") + MAIN,
+     "the disk is full (No space left on device)"),
+    ("read_only_run", _faulty("EROFS", "{W}") + MAIN, "the file system is read-only"),
+    ("read_only_finished_run", _faulty("EROFS", "{F}") + MAIN[:2] + ("--workdir={F}",),
+     "cannot write {F}/config.json"),
+    ("read_only_sample_out", _faulty("EROFS", "{T}") + SAMPLE, "cannot write {T}/s.png"),
+    ("config_syntax_error", ("nda_jax.main", "--config={SYN}", "--workdir={T}/run"),
+     "SyntaxError: invalid syntax ({SYN}, line 1: def get_config(:)"),
+    ("config_typo_attribute", ("nda_jax.main", "--config={TYPO}", "--workdir={T}/run"),
+     "AttributeError: 'trian'; Did you mean \"train\" instead of \"trian\"? ({TYPO}, line 5: "
+     "config.trian.batch_size = 16)"),
+    ("truncated_config_sample", ("nda_jax.sample", "--workdir={TC}", "--out={T}/s.png"),
+     "{TC}/config.json is not a readable config (JSONDecodeError"),
+    ("truncated_config_eval", ("nda_jax.eval", "--workdir={TC}"),
+     "{TC}/config.json is not a readable config"),
+    ("empty_class_folder", MAIN + ("--config.data.name=image_folder", "--config.data.data_dir={IMG}",
+                                   "--config.data.num_classes=2"),
+     "Class folder '{IMG}/train/empty' holds no"),
+    ("crafted_cifar", MAIN + ("--config.data.name=cifar10", "--config.data.image_size=32",
+                              "--config.data.data_dir={CRAFTED}"),
+     "is not an official CIFAR file: it calls posix.system"),
     ("biggan_import_into_a_run", ("nda_jax.importers.biggan_pytorch", "--G={N}.pth", "--D={N}.pth",
                                   "--config=configs/demo.py:tiny", "--workdir={W}"),
      "already holds checkpoints [2]"),
 ]
+
+
+SNAPSHOTS = ("W", "C", "T", "F", "TC", "IMG", "CRAFTED")
 
 
 def _snapshot(folder):
@@ -143,9 +184,42 @@ def _snapshot(folder):
   return out
 
 
-def _make_run(workdir):
-  """A run's workdir without training: config.json, a step-2 checkpoint of the initial
-  state with its pipeline position, metrics.jsonl."""
+class _CreatesAFile:
+  """Unpickles into `os.system('touch PATH')`: what a crafted data file would run."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.system, (f"touch {self.path}",)
+
+
+def _write_inputs(base, places):
+  """The config files, image folder and CIFAR files of the cases (outside {T})."""
+  places["SYN"] = str(base / "syntax_error.py")
+  (base / "syntax_error.py").write_text("def get_config(:\n  pass\n")
+  places["TYPO"] = str(base / "typo.py")
+  (base / "typo.py").write_text(
+      "import ml_collections\n\ndef get_config():\n"
+      "  config = ml_collections.ConfigDict({'train': {'batch_size': 8}})\n"
+      "  config.trian.batch_size = 16\n  return config\n")
+  places["IMG"] = str(base / "images")
+  for name, count in (("digits", 2), ("empty", 0)):
+    (base / "images" / "train" / name).mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(base / "images" / "train" / name / f"{i}.png")
+  places["CRAFTED"] = str(base / "cifar")
+  folder = base / "cifar" / "cifar-10-batches-py"
+  folder.mkdir(parents=True)
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    with open(folder / name, "wb") as f:
+      pickle.dump({b"payload": _CreatesAFile(os.path.join(places["T"], "created")),
+                   b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f, protocol=2)
+
+
+def _make_run(workdir, step=2):
+  """A run's workdir without training: config.json, a checkpoint at `step` of the
+  initial state (its step counter set to `step`) with its pipeline position, metrics.jsonl."""
   config = tiny_config()
   method = gan.GAN(config)
   config_lib.write_config(config, workdir)
@@ -154,12 +228,14 @@ def _make_run(workdir):
   checkpointer = trainers.checkpointer(config, workdir)
   try:
     next(data_iter)
-    checkpointer.save(2, method.init_state(jax.random.PRNGKey(0)), data_iter.get_state())
+    state = method.init_state(jax.random.PRNGKey(0))
+    checkpointer.save(step, state.replace(step=jax.numpy.asarray(step, state.step.dtype)),
+                      data_iter.get_state())
   finally:
     checkpointer.close()
     data_iter.close()
   writer = common.MetricWriter(workdir)
-  writer.write(2, {"d_loss": 1.0, "g_loss": 1.0})
+  writer.write(step, {"d_loss": 1.0, "g_loss": 1.0})
   writer.close()
 
 
@@ -167,8 +243,11 @@ def _run(case, places):
   _, command, _ = case
   module, *args = command
   cmd = [sys.executable, "-m", module, *(a.format(**places) for a in args)]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(   # tests/ for `faults`.
+      [os.path.join(REPO, "tests"), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S,
+                          env=env)
   except subprocess.TimeoutExpired as e:
     return None, f"timed out after {TIMEOUT_S} s: {e.stdout}{e.stderr}"
   return proc.returncode, proc.stdout + proc.stderr
@@ -177,9 +256,17 @@ def _run(case, places):
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
   base = tmp_path_factory.mktemp("bad_input")
-  places = {k: str(base / k) for k in ("W", "C", "T")}
+  places = {k: str(base / k) for k in ("W", "C", "T", "F", "TC")}
   places["N"] = str(base / "does_not_exist")
   _make_run(places["W"])
+  _make_run(places["F"], step=tiny_config().train.total_steps)
+  _make_run(places["TC"])
+  config_json = os.path.join(places["TC"], config_lib.CONFIG_FILE)
+  with open(config_json) as f:
+    text = f.read()
+  with open(config_json, "w") as f:
+    f.write(text[:len(text) // 2])
+  _write_inputs(base, places)
   os.makedirs(places["C"])
   os.makedirs(places["T"])
   with open(os.path.join(places["C"], config_lib.CONFIG_FILE), "w") as f:
@@ -190,10 +277,10 @@ def outcomes(tmp_path_factory):
   for suffix in ("", ".pth"):
     with open(places["JUNK"] + suffix, "wb") as f:
       f.write(np.random.RandomState(0).bytes(1000))
-  before = {k: _snapshot(places[k]) for k in ("W", "C", "T")}
+  before = {k: _snapshot(places[k]) for k in SNAPSHOTS}
   with futures.ThreadPoolExecutor(3) as pool:
     results = dict(zip([c[0] for c in CASES], pool.map(lambda c: _run(c, places), CASES)))
-  after = {k: _snapshot(places[k]) for k in ("W", "C", "T")}
+  after = {k: _snapshot(places[k]) for k in SNAPSHOTS}
   return places, results, before, after
 
 
@@ -216,10 +303,68 @@ def test_one_paragraph_and_a_failure(outcomes, case):
 def test_nothing_was_written(outcomes):
   """No case changed the run, created checkpoints/ where there was none, or wrote an output."""
   places, _, before, after = outcomes
-  for key in ("W", "C", "T"):
+  for key in SNAPSHOTS:
     assert sorted(after[key]) == sorted(before[key]), key
     for path, data in before[key].items():
       assert after[key][path] == data, f"{key}/{path} changed"
   assert not os.path.exists(os.path.join(places["C"], "checkpoints"))
   assert not os.path.exists(places["N"])
 
+
+
+# What tensorstore raised when a checkpoint filled a 1 MiB tmpfs during `main` (measured
+# on this project's CI machine: orbax re-raises it as a ValueError, the errno only in text).
+_TENSORSTORE_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "g_params.blocks_0.bn2.gain.embedding/0.3" in OCDBT '
+    'database at local file "/mnt/run/checkpoints/2.orbax-checkpoint-tmp/state.orbax-'
+    'checkpoint-tmp/ocdbt.process_0/": Failed writing: "/mnt/run/checkpoints/2.orbax-'
+    'checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/426e31b244e2a849431e8100b9'
+    '29c814": Failed to write 35983 bytes to file 14: No space left on device '
+    "[os_error_code='28']")
+
+
+def test_storage_errors_are_recognised_in_a_chain():
+  from nda_jax import cli  # pylint: disable=g-import-not-at-top
+  assert cli.describe_storage_error(ValueError(_TENSORSTORE_FULL)).startswith(
+      "cannot write /mnt/run/checkpoints/2.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/"
+      "ocdbt.process_0/d/426e31b244e2a849431e8100b929c814: the disk is full")
+  try:
+    try:
+      raise OSError(30, os.strerror(30), "/ro/run/config.json")
+    except OSError as e:
+      raise RuntimeError("save failed") from e
+  except RuntimeError as wrapped:
+    message = cli.describe_storage_error(wrapped)
+  assert message.startswith("cannot write /ro/run/config.json: the file system is read-only")
+  assert cli.describe_storage_error(ValueError("some bug")) is None
+  assert cli.describe_storage_error(FileNotFoundError(2, "No such file", "/x")) is None
+
+
+_RECORDS = ['{"step": 1, "d_loss": 1.0}', '{"step": 2, "d_loss": 0.5}']
+
+
+def test_cut_off_metrics_line_is_dropped_before_appending(tmp_path):
+  """A run killed mid-write left half a record; the next writer starts on a new line."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("\n".join(_RECORDS) + '\n{"step": 3, "d_lo')
+  writer = common.MetricWriter(str(tmp_path))
+  writer.write(4, {"d_loss": 0.25})
+  writer.close()
+  assert path.read_text().splitlines() == _RECORDS + ['{"step": 4, "d_loss": 0.25}']
+  assert [r["step"] for r in common.read_metrics(str(tmp_path))] == [1, 2, 4]
+
+
+def test_plot_skips_a_bad_line_naming_it(tmp_path):
+  """A record glued onto a cut-off one (as written before the repair) is skipped by readers
+  with file and line named; the plot of the other records is written."""
+  (tmp_path / "metrics.jsonl").write_text(
+      _RECORDS[0] + '\n{"step": 2, "d_lo{"step": 3, "d_loss": 0.4}\n' + _RECORDS[1] + "\n")
+  out = tmp_path / "plot.png"
+  proc = subprocess.run([sys.executable, "-m", "nda_jax.tools.plot", f"--workdir={tmp_path}",
+                         f"--out={out}"], capture_output=True, text=True, cwd=REPO,
+                        timeout=TIMEOUT_S)
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 0, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  assert f"{tmp_path}/metrics.jsonl:2 is not a metrics record" in output, output[-3000:]
+  assert out.exists()

@@ -118,6 +118,49 @@ def test_cifar100_round_trip(cifar100_dir, label_key, num_classes, col, use_arch
     assert source.num_classes == num_classes
 
 
+class _CreatesAFile:
+  """Unpickles into a call of `open(path, 'w')`: what a crafted data file would do."""
+
+  def __init__(self, path, how):
+    self.path, self.how = path, how
+
+  def __reduce__(self):
+    if self.how == "os.system":
+      return os.system, (f"touch {self.path}",)
+    return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("how", ["os.system", "open"])
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_crafted_pickle_runs_nothing(tmp_path, how, protocol):
+  """A data file whose unpickling would call a function is refused before the call."""
+  folder = tmp_path / "cifar-10-batches-py"
+  folder.mkdir()
+  created = tmp_path / "created"
+  batch = {b"payload": _CreatesAFile(str(created), how),
+           b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+  with open(folder / "test_batch", "wb") as f:
+    pickle.dump(batch, f, protocol=protocol)
+  with pytest.raises(ValueError, match=r"test_batch is not an official CIFAR file: it calls "
+                                       r"(posix\.system|builtins\.open|io\.open)"):
+    sources.make_source(_cfg(name="cifar10", data_dir=str(tmp_path)), "test")
+  assert not created.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4])
+def test_cifar_pickle_of_any_protocol_without_out_of_band_data_loads(tmp_path, protocol):
+  """What the official files hold (an ndarray, lists, bytes) passes the restricted unpickler."""
+  folder = tmp_path / "cifar-10-batches-py"
+  folder.mkdir()
+  data = RNG.integers(0, 256, (3, 3072), dtype=np.uint8)
+  with open(folder / "test_batch", "wb") as f:
+    pickle.dump({b"batch_label": b"testing batch 1 of 1", b"data": data, b"labels": [3, 1, 4],
+                 b"filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol=protocol)
+  source = sources.make_source(_cfg(name="cifar10", data_dir=str(tmp_path)), "test")
+  assert len(source) == 3
+  np.testing.assert_array_equal(source[2]["image"], _expected_hwc(data[2]))
+
+
 def test_cifar_errors_name_the_path(tmp_path, cifar10_dir):
   missing = tmp_path / "nowhere"
   with pytest.raises(FileNotFoundError, match="nowhere.*cifar.html"):
@@ -198,10 +241,15 @@ def test_image_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train.*ROOT/<split>"):
     sources.make_source(cfg, "train")
   (tmp_path / "train" / "n01").mkdir(parents=True)
-  with pytest.raises(ValueError, match="No .* images"):
+  with pytest.raises(ValueError, match=f"Class folder '{tmp_path}/train/n01' holds no"):
     sources.make_source(cfg, "train")
   (tmp_path / "train" / "n01" / "bad.png").write_bytes(b"garbage")
   source = sources.make_source(cfg, "train")
+  # An empty class folder beside full ones is named and refused, not counted as a class.
+  (tmp_path / "train" / "n02").mkdir()
+  with pytest.raises(ValueError, match=f"Class folder '{tmp_path}/train/n02' holds no"):
+    sources.make_source(cfg, "train")
+  (tmp_path / "train" / "n02").rmdir()
   with pytest.raises(ValueError, match="bad.png.*corrupt"):
     source[0]  # pylint: disable=pointless-statement
   subset = tmp_path / "subset.txt"

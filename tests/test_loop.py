@@ -124,11 +124,21 @@ def test_nan_stops_the_run_before_a_bad_checkpoint(tmp_path):
   c = config(**{"optim.lr": 1e38, "checkpoint.every": 1, "train.log_every": 4})
   with pytest.raises(loop.NonFiniteError, match=r"step 2 produced a non-finite") as error:
     loop.train_and_evaluate(c, str(tmp_path))
-  assert "last good checkpoint" in str(error.value)
+  assert f"The last good checkpoint, step 1, in {tmp_path}/checkpoints is kept" in str(error.value)
   ckpt = trainers.checkpointer(c, str(tmp_path))
   assert ckpt.all_steps() == [1]          # Nothing saved from step 2 on.
   for leaf in leaves(tmp_path, c):
     assert np.all(np.isfinite(leaf))
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
+  """The message claims no kept checkpoint when none was saved (found at a log point)."""
+  c = config(**{"optim.lr": 1e38, "checkpoint.every": 1000, "train.log_every": 1})
+  with pytest.raises(loop.NonFiniteError, match=r"step 2 produced a non-finite") as error:
+    loop.train_and_evaluate(c, str(tmp_path))
+  assert "No checkpoint was saved before it" in str(error.value)
+  assert "last good checkpoint" not in str(error.value)
+  assert trainers.checkpointer(c, str(tmp_path)).all_steps() == []
 
 
 def _truncate_array_files(step_dir):

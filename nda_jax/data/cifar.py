@@ -7,11 +7,15 @@ Accepted locations for `data_dir` (checked in this order):
   * a folder holding the archive.
 Each pickle is a dict with b'data' (uint8 [N, 3072], channel-major 32x32
 planes) and the labels (b'labels' for CIFAR-10; b'fine_labels' and
-b'coarse_labels' for CIFAR-100). The files are Python pickles: only read
-archives from the official site.
+b'coarse_labels' for CIFAR-100). The files are Python pickles, read with an
+unpickler that admits only what the official files hold (NumPy arrays, builtin
+containers): a crafted file is refused before any of it runs.
 """
+import builtins
+import codecs
 import dataclasses
 import functools
+import io
 import os
 import pickle
 import tarfile
@@ -72,9 +76,41 @@ def _locate(spec: Spec, data_dir: str) -> tuple[str, bool]:
       f"nor {spec.archive} in {data_dir!r}. " + spec.howto(data_dir))
 
 
+# The only globals a CIFAR pickle names: NumPy's array reconstruction (under its
+# NumPy 1 and 2 module names), builtin containers, and `_codecs.encode`, with
+# which Python 3 spells bytes in protocol 2 (re-saved archives).
+_ARRAY = {"_reconstruct": np.empty(0).__reduce__()[0], "ndarray": np.ndarray, "dtype": np.dtype}
+_CONTAINERS = {name: getattr(builtins, name)
+               for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray")}
+_ALLOWED = {
+    **{("numpy.core.multiarray", k): v for k, v in _ARRAY.items()},
+    **{("numpy._core.multiarray", k): v for k, v in _ARRAY.items()},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    **{(m, k): v for m in ("builtins", "__builtin__") for k, v in _CONTAINERS.items()},
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+  """The pickle names a callable no CIFAR file holds (it may be crafted to run code)."""
+
+
+class _Unpickler(pickle.Unpickler):
+  """Resolves only the globals of `_ALLOWED`: nothing else can be called."""
+
+  def find_class(self, module, name):
+    if (module, name) not in _ALLOWED:
+      raise _ForbiddenGlobal(f"{module}.{name}")
+    return _ALLOWED[module, name]
+
+
 def _unpickle(raw: bytes, where: str, spec: Spec, data_dir: str) -> dict:
   try:
-    batch = pickle.loads(raw, encoding="bytes")
+    batch = _Unpickler(io.BytesIO(raw), encoding="bytes").load()
+  except _ForbiddenGlobal as e:
+    raise ValueError(f"{spec.name}: {where} is not an official CIFAR file: it calls {e}, "
+                     "which no CIFAR archive does (refused before anything ran). "
+                     + spec.howto(data_dir)) from None
   except Exception as e:  # pickle raises many types on corrupt input
     raise ValueError(f"{spec.name}: cannot unpickle {where} ({e!r}); the file "
                      "is corrupt or not a CIFAR pickle. "

@@ -74,10 +74,12 @@ def list_images(root: str, split: str,
     class_dir = os.path.join(split_dir, name)
     files = sorted(e.name for e in os.scandir(class_dir)
                    if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+    if not files:
+      raise ValueError(f"Class folder {class_dir!r} holds no {EXTENSIONS} image: remove it "
+                       "(or add its images), so that labels and the number of classes are "
+                       "those of the classes present. " + HOWTO)
     paths += [os.path.join(class_dir, f) for f in files]
     labels += [label] * len(files)
-  if not paths:
-    raise ValueError(f"No {EXTENSIONS} images under {split_dir!r}. " + HOWTO)
   return paths, np.asarray(labels, np.int32), classes
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nda_jax import cli
+from nda_jax import extras
 from nda_jax.models import biggan
 
 Variables = dict[str, Any]
@@ -163,10 +164,7 @@ def read_torch_file(torch: Any, path: str) -> Any:
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a `.pth` state_dict into NumPy arrays (needs torch)."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("reading .pth files needs torch: pip install -e '.[torch]'") from e
+  torch = extras.require("torch", "torch", why=f"reading {path}")
   state_dict = read_torch_file(torch, path)
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")

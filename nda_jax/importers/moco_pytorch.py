@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nda_jax import extras
 from nda_jax.models import resnet
 
 Variables = dict[str, Any]
@@ -114,10 +115,7 @@ def convert_encoder(state_dict: Mapping[str, Any],
 
 def load_checkpoint(path: str) -> dict[str, np.ndarray]:
   """A main_moco / main_lincls checkpoint ('state_dict' entry) or a bare state_dict -> NumPy."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("reading .pth files needs torch: pip install -e '.[torch]'") from e
+  torch = extras.require("torch", "torch", why=f"reading {path}")
   checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
     checkpoint = checkpoint["state_dict"]

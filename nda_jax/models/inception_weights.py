@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nda_jax import extras
 from nda_jax.models import inception
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -133,13 +134,10 @@ def save_npz(variables: Variables, path: str) -> None:
 
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top  # optional extra
-  except ImportError as e:
-    raise ImportError(
-        f"Reading {path!r} needs torch (`pip install nda_jax[torch]`). Without torch, convert it "
-        f"once elsewhere: python -m nda_jax.importers.inception --pth={path} "
-        f"--out=inception_fid.npz, and pass the .npz.") from e
+  torch = extras.require(
+      "torch", "torch", why=f"reading {path}",
+      hint=(f". Without torch, convert it once elsewhere (python -m nda_jax.importers.inception "
+            f"--pth={path} --out=inception_fid.npz) and pass the .npz"))
   try:
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:

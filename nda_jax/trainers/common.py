@@ -28,8 +28,9 @@ class MetricWriter:
     self._lines = None
     if self._active:
       self._path.parent.mkdir(parents=True, exist_ok=True)
+      text = _complete_lines(self._path)
       if not workdir_lib.is_local(workdir):
-        self._lines = [self._path.read_text()] if self._path.exists() else []
+        self._lines = [text] if text else []
       self._tb = _summary_writer(str(workdir_lib.path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -52,6 +53,21 @@ class MetricWriter:
       self._tb.close()
 
 
+def _complete_lines(path) -> str:
+  """The file's complete lines; a record cut off by a run that died mid-write is
+  dropped from the file (with a warning), so the next record starts on a line of its own."""
+  if not path.exists():
+    return ""
+  text = path.read_text()
+  if text and not text.endswith("\n"):
+    complete = text[:text.rfind("\n") + 1]
+    logging.warning("%s:%d is a record cut off mid-write (%r): dropped before appending",
+                    path, complete.count("\n") + 1, text[len(complete):][:200])
+    path.write_text(complete)
+    text = complete
+  return text
+
+
 def _summary_writer(logdir: str):
   """tensorboardX's SummaryWriter for `logdir`, or None where it cannot write there."""
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy)
@@ -65,11 +81,24 @@ def _summary_writer(logdir: str):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records a run wrote to `workdir/metrics.jsonl` (for plots and tests)."""
+  """The records a run wrote to `workdir/metrics.jsonl` (for plots and tests); a line
+  that is not one (cut off by a crash) is skipped with a warning naming file and line."""
   path = workdir_lib.path(workdir) / "metrics.jsonl"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a run?")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if not isinstance(record, dict) or "step" not in record:
+      logging.warning("%s:%d is not a metrics record (%r): skipped", path, number, line[:200])
+      continue
+    records.append(record)
+  return records
 
 
 def format_duration(seconds: float) -> str:

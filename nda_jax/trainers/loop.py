@@ -66,15 +66,20 @@ def _new_guard() -> tuple[jax.Array, jax.Array]:
   return jnp.array(-1, jnp.int32), jnp.array(-1, jnp.int32)
 
 
-def check_guard(guard, metric_names: list[str], workdir: str) -> None:
+def check_guard(guard, metric_names: list[str], workdir: str,
+                last_saved: int | None = None) -> None:
+  """NonFiniteError if a step went non-finite; `last_saved`: the newest checkpoint's step."""
   bad_step, bad_what = (int(x) for x in jax.device_get(guard))
   if bad_step < 0:
     return
   what = metric_names[bad_what] if bad_what < len(metric_names) else _PARAMS
+  kept = (f"The last good checkpoint, step {last_saved}, in {workdir}/checkpoints is kept"
+          if last_saved is not None else
+          f"No checkpoint was saved before it ({workdir}/checkpoints has none)")
   raise NonFiniteError(
       f"step {bad_step + 1} produced a non-finite {what!r}; that step was not applied and "
-      f"the run stopped. The last good checkpoint in {workdir}/checkpoints is kept: lower "
-      f"the learning rate (config.optim.*), check the data, or try config.dtype='float32'.")
+      f"the run stopped. {kept}: lower the learning rate (config.optim.*), check the data, "
+      f"or try config.dtype='float32'.")
 
 
 # ------------------------------------------------------------------ evaluation
@@ -198,7 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return dp.get_state(carry)[0]
 
     def save(step, eval_metrics=None):
-      check_guard(dp.get_state(carry)[1], metric_names, workdir)   # Never save a bad state.
+      check_guard(dp.get_state(carry)[1], metric_names, workdir,   # Never save a bad state.
+                  checkpointer.latest_step())
       checkpointer.save(step, current_state(), data_iter.get_state(), metrics=eval_metrics)
 
     compiled = False
@@ -217,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       to_save = _due(config.checkpoint.every, step, last)
       if to_log or to_save:
         metric_names = sorted(device_metrics)
-        check_guard(dp.get_state(carry)[1], metric_names, workdir)
+        check_guard(dp.get_state(carry)[1], metric_names, workdir, checkpointer.latest_step())
       if to_log:
         metrics = dp.unreplicate_metrics(device_metrics)
         metrics.update(progress.update(step))

@@ -1,0 +1,42 @@
+"""Optional dependencies (setup.py's extras): a missing one is a user's install to complete.
+
+`require("torch", "torch")` imports and returns the module, or raises
+`MissingExtraError` naming the extra that installs it; every command prints
+that as one paragraph (see `cli.run`), and also an ImportError of these modules
+raised inside a library (fsspec's "Please install gcsfs" for a gs:// path).
+"""
+import importlib
+import re
+import types
+
+# Optional modules -> the extra of setup.py that installs them.
+EXTRAS = {"torch": "torch", "gcsfs": "gcs", "google.cloud.storage": "gcs"}
+
+
+class MissingExtraError(ImportError):
+  """An optional dependency of the feature asked for is not installed."""
+
+
+def require(module: str, extra: str, why: str = "", hint: str = "") -> types.ModuleType:
+  """`import module`, or MissingExtraError saying which extra of nda_jax installs it
+  (`why`: what needs it; `hint`: another way, appended to the message)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    need = f"{why} needs" if why else "this needs"
+    raise MissingExtraError(
+        f"{need} {module.split('.')[0]}, which is not installed ({e}): install the "
+        f"'{extra}' extra, pip install -e '.[{extra}]'{hint}") from None
+
+
+def as_missing_extra(error: ImportError) -> MissingExtraError | None:
+  """`error` as a MissingExtraError when it is about a module of `EXTRAS` (else None)."""
+  if isinstance(error, MissingExtraError):
+    return error
+  text = f"{error.name or ''} {error}"
+  for module, extra in EXTRAS.items():
+    if re.search(rf"(?<![\w.]){re.escape(module)}(?![\w])", text):
+      return MissingExtraError(
+          f"{module} is not installed ({error}): install the '{extra}' extra, "
+          f"pip install -e '.[{extra}]'")
+  return None
