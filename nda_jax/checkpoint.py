@@ -8,7 +8,10 @@ Latest-N checkpoints are kept, plus the best-N by an evaluation metric.
 Restores always use an abstract target that carries shardings, so a run can
 resume on a different device count. A step that cannot be read (truncated or
 deleted files, a missing data item) is moved aside and the previous one is
-used. Paths go through epath, so a workdir may be a bucket.
+used; only the run holding the workdir's lock (`workdir_lock`) moves a step.
+Readers (eval, sample, probes) open a run `read_only`: they never write,
+move or delete anything in it. Paths go through epath, so a workdir may be a
+bucket.
 """
 import signal
 import threading
@@ -21,6 +24,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from nda_jax import workdir as workdir_lib
+from nda_jax import workdir_lock
 
 PyTree = Any
 
@@ -50,10 +54,15 @@ class _DataSnapshot:
 
 
 class Checkpointer:
-  """Saves and restores (TrainState, data state) steps in `workdir/checkpoints`."""
+  """Saves and restores (TrainState, data state) steps in `workdir/checkpoints`.
+
+  `read_only`: for readers of a run another process may be training; Orbax
+  then neither saves nor deletes, and a damaged step is reported, not moved.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: int = 0,
-               best_metric: str = "fid", best_mode: str = "min", async_save: bool = True):
+               best_metric: str = "fid", best_mode: str = "min", async_save: bool = True,
+               read_only: bool = False):
     if best_mode not in ("min", "max"):
       raise ValueError(f"checkpoint.best_mode={best_mode!r}; valid choices: ('min', 'max')")
     if keep < 1:
@@ -62,6 +71,7 @@ class Checkpointer:
     self.directory = workdir_lib.path(workdir) / CHECKPOINT_DIR
     self.best_metric = best_metric
     self.best_mode = best_mode
+    self.read_only = read_only
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -70,7 +80,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, create=False,
+            enable_async_checkpointing=async_save, create=False, read_only=read_only,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)))
 
   # ------------------------------------------------------------------ steps
@@ -116,6 +126,8 @@ class Checkpointer:
   def save(self, step: int, state: PyTree, data_state: bytes | None = None,
            metrics: dict[str, float] | None = None, force: bool = False) -> None:
     """Saves `state` and, for training checkpoints, the iterator position `data_state`."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only: a reader never saves")
     items = {_STATE: ocp.args.StandardSave(state)}
     if data_state is not None:
       items[_DATA] = grain_ckpt.CheckpointSave(_DataSnapshot(data_state))
@@ -209,6 +221,10 @@ class Checkpointer:
 
   def _move_aside(self, step: int) -> None:
     if jax.process_index() == 0:
+      if self.read_only or not workdir_lock.holds(self.workdir):
+        raise DamagedCheckpointError(
+            f"checkpoint {step} in {self.directory} cannot be read; only the run holding "
+            f"the workdir's lock moves it aside")
       target = workdir_lib.path(self.workdir) / DAMAGED_DIR
       target.mkdir(parents=True, exist_ok=True)
       destination = target / str(step)

@@ -17,9 +17,12 @@ own NDA of the test split and the synthetic sets that need no download (see
 evaluators/anomaly.py).
 
 Writes WORKDIR/eval.json ({"step", "checkpoint", "evals": the configs used,
-"metrics"}), TensorBoard scalars `eval/<metric>` at the checkpoint's step
-(beside the training curves, also appended to metrics.jsonl) and, for
-`anomaly`, the per-set table WORKDIR/anomaly/anomaly.{json,md}.
+"metrics"}), the record `eval/<metric>` at the checkpoint's step appended to
+WORKDIR/eval_metrics.jsonl and as TensorBoard scalars in WORKDIR/tensorboard/eval
+(beside the training curves) and, for `anomaly`, the per-set table
+WORKDIR/anomaly/anomaly.{json,md}. It never writes the training run's own
+files (metrics.jsonl, checkpoints), and moves or deletes nothing: it may run
+while the run trains.
 
 From Python (a notebook): `result = eval.run(eval.prepare(workdir, only=["fd_digits"]))`;
 `parse_config(workdir, ["--config.evals.fd_digits.num_samples=100"])` applies
@@ -46,6 +49,8 @@ from nda_jax import workdir as workdir_lib
 from nda_jax.evaluators import anomaly
 
 TB_PREFIX = "eval/"
+METRICS_FILE = "eval_metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard/eval"
 CONFIG_FLAG = "config"
 _PROG = "nda_jax.eval"
 
@@ -157,11 +162,8 @@ def prepare(workdir: str, checkpoint: str | int = "latest", only: Sequence[str] 
   """Loads config, checkpoint and evaluators; every user error surfaces here, before any work."""
   from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (heavy)
   config = config if config is not None else load_run_config(workdir)
-  checkpointer = trainers.checkpointer(config, workdir, async_save=False)
-  try:   # A run without the checkpoint asked for is the first thing to say.
-    checkpointer.resolve_step(checkpoint)
-  finally:
-    checkpointer.close()
+  # A run without the checkpoint asked for is the first thing to say.
+  trainers.read_checkpoint(config, workdir, checkpoint, lambda ckpt, step: step)
   names = resolve_names(config, only)
   for name in names:
     entry = config.evals[name]
@@ -196,13 +198,14 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def write_result(workdir: str, result: Mapping[str, Any], out: str | None = None) -> str:
-  """eval.json plus `eval/<metric>` scalars at the checkpoint's step (process 0 only)."""
+  """eval.json plus `eval/<metric>` records at the checkpoint's step in eval_metrics.jsonl and
+  TensorBoard (process 0 only)."""
   from nda_jax.trainers import common  # pylint: disable=g-import-not-at-top
   path = workdir_lib.path(out or workdir_lib.path(workdir) / "eval.json")
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-  writer = common.MetricWriter(workdir)
+  writer = common.MetricWriter(workdir, METRICS_FILE, TENSORBOARD_DIR)
   try:
     writer.write(result["step"], {TB_PREFIX + k: v for k, v in result["metrics"].items()})
   finally:

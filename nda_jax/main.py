@@ -3,8 +3,8 @@ r"""Entry point: `python -m nda_jax.main --config=configs/<name>.py[:variant] --
 Deliberately tiny (as flax/examples): it parses the flags and hands over to
 the generic loop, which checks the config, writes it to the workdir and runs
 the method named by `config.trainer`. A user error (unknown config key, bad
-value, missing data) ends in one paragraph, not a traceback, and leaves the
-workdir as it was.
+value, missing data, a workdir another run holds) ends in one paragraph, not a
+traceback, and leaves the workdir as it was.
 """
 import logging as std_logging
 import sys
@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import cli
 from nda_jax import parallel
+from nda_jax import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
                                           lock_config=True)
@@ -44,7 +45,7 @@ def main(argv):
     logging.info("config:\n%s", config)
     loop.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, ckpt_lib.DamagedCheckpointError,
-          loop.NonFiniteError) as e:
+          loop.NonFiniteError, workdir_lock.WorkdirInUseError) as e:
     cli.fail(_PROG, cli.describe_storage_error(e) or str(e))
   except KeyboardInterrupt as e:
     print(f"nda_jax: {e}", file=sys.stderr)

@@ -109,10 +109,11 @@ def test_eval_cli_writes_metrics(demo_run, classifier_cache):
   assert table["in_distribution"]["n"] == max_examples              # the override, used
   assert {r["set"] for r in table["rows"]} == {k.split("/", 1)[1] for k in aurocs}
   assert {r["n_ood"] for r in table["rows"]} == {max_examples}
-  # TensorBoard scalars (same writer as metrics.jsonl) at the checkpoint's step.
-  last = common.read_metrics(demo_run)[-1]
+  # Its own record and TensorBoard folder at the checkpoint's step; the run's log untouched.
+  last = common.read_metrics(demo_run, eval_lib.METRICS_FILE)[-1]
   assert last == {"step": STEPS, **{"eval/" + k: v for k, v in metrics.items()}}
-  assert os.listdir(os.path.join(demo_run, "tensorboard"))
+  assert not any("eval/" + k in r for r in common.read_metrics(demo_run) for k in metrics)
+  assert os.listdir(os.path.join(demo_run, "tensorboard", "eval"))
   assert "fd_digits" in proc.stdout and "anomaly/nda/jigsaw" in proc.stdout
 
 

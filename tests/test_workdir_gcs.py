@@ -109,7 +109,10 @@ def test_run_files_go_through_epath(bucket, caplog):
   result = {"step": 3, "checkpoint": "latest", "evals": {}, "metrics": {"fd_digits": 4.5}}
   eval_lib.write_result(WORKDIR, result)
   assert '"fd_digits": 4.5' in (local / "eval.json").read_text()
-  assert common.read_metrics(WORKDIR)[-1] == {"step": 3, "eval/fd_digits": 4.5}
+  assert common.read_metrics(WORKDIR, eval_lib.METRICS_FILE) == [{"step": 3,
+                                                                   "eval/fd_digits": 4.5}]
+  assert common.read_metrics(WORKDIR)[-1]["step"] == 3 and "d_loss" in common.read_metrics(
+      WORKDIR)[-1]
 
   tables = {"in_distribution": {"split": "test", "n": 10, "mean_score": 0.0},
             "normalisation": "[-1, 1]",

@@ -8,6 +8,8 @@ import jax
 
 from nda_jax import workdir as workdir_lib
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class MetricWriter:
   """JSON-lines log plus TensorBoard event files (tensorboardX: no TensorFlow needed).
@@ -16,12 +18,14 @@ class MetricWriter:
   epath (local or a bucket); TensorBoard events through tensorboardX, which
   writes local folders, and gs:// itself when google-cloud-storage is installed
   (the `gcs` extra). Elsewhere the events are skipped with a warning: the
-  same numbers are in metrics.jsonl.
+  same numbers are in metrics.jsonl. A reader of a run (`nda_jax.eval`) writes
+  its own `filename` and `tensorboard` folder, never the training run's.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, filename: str = METRICS_FILE,
+               tensorboard: str = "tensorboard"):
     self._active = jax.process_index() == 0
-    self._path = workdir_lib.path(workdir) / "metrics.jsonl"
+    self._path = workdir_lib.path(workdir) / filename
     self._tb = None
     # A bucket's objects cannot be appended to (gcsfs silently overwrites): there
     # the file is rewritten with every record.
@@ -31,7 +35,7 @@ class MetricWriter:
       text = _complete_lines(self._path)
       if not workdir_lib.is_local(workdir):
         self._lines = [text] if text else []
-      self._tb = _summary_writer(str(workdir_lib.path(workdir) / "tensorboard"))
+      self._tb = _summary_writer(str(workdir_lib.path(workdir) / tensorboard))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
@@ -80,10 +84,10 @@ def _summary_writer(logdir: str):
   return SummaryWriter(logdir)
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict]:
   """The records a run wrote to `workdir/metrics.jsonl` (for plots and tests); a line
   that is not one (cut off by a crash) is skipped with a warning naming file and line."""
-  path = workdir_lib.path(workdir) / "metrics.jsonl"
+  path = workdir_lib.path(workdir) / filename
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a run?")
   records = []

@@ -128,13 +128,11 @@ class LinearProbe(method_lib.Method):
       raise ValueError(f"config.data.image_size={c.data.image_size} is smaller than the "
                        f"encoder's crop size {self.crop_size} (its aug.crop_size)")
     from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
-    checkpointer = trainers.checkpointer(pretrained, c.pretrained_workdir, async_save=False)
     try:
-      checkpointer.resolve_step(c.pretrained_checkpoint)
+      trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
+                               lambda ckpt, step: step)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"config.pretrained_checkpoint={c.pretrained_checkpoint!r}: {e}") from None
-    finally:
-      checkpointer.close()
     # Model and optimizer errors, without compiling or reading the checkpoint.
     jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
 

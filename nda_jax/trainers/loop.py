@@ -19,6 +19,7 @@ import numpy as np
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import config_lib
 from nda_jax import parallel
+from nda_jax import workdir_lock
 from nda_jax.data import pipeline
 from nda_jax.trainers import common
 from nda_jax.trainers import method as method_lib
@@ -143,7 +144,39 @@ def _stop_everywhere(signals: ckpt_lib.StopSignals) -> bool:
   return bool(np.max(flags))
 
 
+def _lock(workdir: str):
+  """Process 0 takes the workdir's lock; every process learns whether it did."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.acquire(workdir)
+    except (workdir_lock.WorkdirInUseError, ValueError) as e:
+      error = e
+  if jax.process_count() > 1:
+    votes = multihost_utils.process_allgather(np.int32(error is None))
+    if error is None and not votes.min():
+      raise workdir_lock.WorkdirInUseError(
+          f"process 0 could not lock --workdir={workdir} (its log says why)")
+  if error is not None:
+    raise error
+  return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config.trainer`'s method, resuming from `workdir`; returns the last metrics.
+
+  Holds the workdir's lock throughout (`workdir_lock`): a second run on the
+  same workdir is refused (WorkdirInUseError) and changes nothing.
+  """
+  lock = _lock(workdir)
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config.trainer`'s method, resuming from `workdir`; returns the last metrics.
 
   `workdir/config.json` is written only once every check passed and the

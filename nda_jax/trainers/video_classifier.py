@@ -181,13 +181,11 @@ class VideoClassifier(method_lib.Method):
       raise ValueError(f"config.pretrained_workdir={c.pretrained_workdir} is a different "
                        f"architecture: set {', '.join(differ)}")
     from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
-    checkpointer = trainers.checkpointer(pretrained, c.pretrained_workdir, async_save=False)
     try:
-      checkpointer.resolve_step(c.pretrained_checkpoint)
+      trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
+                               lambda ckpt, step: step)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"config.pretrained_checkpoint={c.pretrained_checkpoint!r}: {e}") from None
-    finally:
-      checkpointer.close()
 
   def validate(self, num_devices: int) -> None:
     super().validate(num_devices)
