@@ -83,3 +83,58 @@ def test_unrepresentable_backbones_are_refused(stem, width, fmt, words):
     backbone.check_exportable(stem, width, fmt)
   backbone.check_exportable("imagenet", 64, "detectron2")
   backbone.check_exportable("imagenet", 16, "torchvision")
+
+
+def _moco_workdir(path, stem, width):
+  """A step-0 MoCo workdir (configs/demo_moco.py:tiny with `stem`), as the importer writes."""
+  import configs.demo_moco as demo_moco  # pylint: disable=g-import-not-at-top
+  from nda_jax.importers import save  # pylint: disable=g-import-not-at-top
+  from nda_jax.trainers import moco  # pylint: disable=g-import-not-at-top
+  config = demo_moco.get_config("tiny")
+  config.model.stem = stem
+  config.model.width = width
+  state = moco.MoCo(config).init_state(jax.random.PRNGKey(0))
+  save.save_imported(str(path), config, state)
+  return state
+
+
+def test_export_command(tmp_path):
+  """The workdir's query backbone, written in both layouts; refusals exit 1 in one paragraph."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  state = _moco_workdir(run, "imagenet", width=64)
+  want = backbone.to_torchvision({"params": state.params["backbone"],
+                                  "batch_stats": state.batch_stats["backbone"]})
+  backbone.export(str(run), "latest", "detectron2", str(tmp_path / "r.pkl"))
+  with open(tmp_path / "r.pkl", "rb") as f:
+    got = pickle.load(f)
+  assert got["matching_heuristics"] is True
+  assert set(got["model"]) == {backbone.detectron2_name(k) for k in want
+                               if not k.endswith("num_batches_tracked")}
+  for k, v in want.items():
+    if not k.endswith("num_batches_tracked"):
+      np.testing.assert_array_equal(got["model"][backbone.detectron2_name(k)], v, err_msg=k)
+  with pytest.raises(ValueError, match="exists"):
+    backbone.export(str(run), "latest", "detectron2", str(tmp_path / "r.pkl"))
+
+  _moco_workdir(tmp_path / "cifar", "cifar", width=4)
+  out = tmp_path / "cifar.pth"
+  r = subprocess.run([sys.executable, "-m", "nda_jax.exporters.backbone",
+                      f"--workdir={tmp_path / 'cifar'}", "--format=torchvision", f"--out={out}"],
+                     capture_output=True, text=True, check=False)
+  assert r.returncode == 1 and "'imagenet' stem" in r.stderr and "Traceback" not in r.stderr
+  assert not out.exists()
+
+
+def test_export_torchvision_file(tmp_path):
+  torch = pytest.importorskip("torch")
+  state = _moco_workdir(tmp_path / "run", "imagenet", width=4)
+  backbone.export(str(tmp_path / "run"), 0, "torchvision", str(tmp_path / "r.pth"))
+  got = torch.load(tmp_path / "r.pth", weights_only=True)
+  want = backbone.to_torchvision({"params": state.params["backbone"],
+                                  "batch_stats": state.batch_stats["backbone"]})
+  assert set(got) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k].numpy(), v, err_msg=k)

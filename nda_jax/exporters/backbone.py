@@ -13,7 +13,17 @@
 Both keep torchvision's stem (7x7/2 conv + max-pool); the 'cifar' stem has the
 same keys but no max-pool and a 3x3 conv, which neither engine's ResNet runs,
 so it is refused rather than exported under names that would load wrongly.
+
+Command line (a MoCo run's, or an imported release's, query-encoder backbone):
+
+  python -m nda_jax.exporters.backbone --workdir=W [--checkpoint=latest|best|N] \
+      --format=torchvision|detectron2 --out=FILE
+
+'torchvision' writes a `torch.save` file (needs torch), 'detectron2' a pickle
+of NumPy arrays (no torch), as Detectron2's MODEL.WEIGHTS reads it.
 """
+import os
+import pickle
 import re
 from typing import Any, Mapping
 
@@ -50,7 +60,7 @@ def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     collection, *modules, name = [p.key for p in path]
     module = ".".join(moco_pytorch._torch_module(modules))  # pylint: disable=protected-access
     key = f"{module}.{moco_pytorch._LEAVES[collection, name]}"  # pylint: disable=protected-access
-    value = np.asarray(leaf, np.float32)
+    value = np.array(leaf, np.float32)  # a writable copy (torch.from_numpy needs one)
     if name == "kernel" and value.ndim == 4:
       value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     elif name == "kernel":
@@ -78,3 +88,61 @@ def to_detectron2(variables: Mapping[str, Any]) -> dict[str, Any]:
   model = {detectron2_name(k): v for k, v in to_torchvision(variables).items()
            if not k.endswith("num_batches_tracked")}
   return {"model": model, "__author__": "nda_jax", "matching_heuristics": True}
+
+
+def export(workdir: str, checkpoint: str | int, fmt: str, out: str) -> None:
+  """The backbone of `workdir`'s MoCo query encoder at `checkpoint` -> `out` in `fmt`."""
+  from nda_jax import config_lib, trainers  # pylint: disable=g-import-not-at-top
+  if os.path.exists(out):
+    raise ValueError(f"--out={out} exists; pass a new file name (nothing is overwritten)")
+  try:
+    config = config_lib.load_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"--workdir={workdir}: {e}") from None
+  if config.get("trainer") != "moco":
+    raise ValueError(f"--workdir={workdir} is a {config.get('trainer')!r} run; the exporter "
+                     f"reads MoCo runs and workdirs of nda_jax.importers.moco_pytorch")
+  check_exportable(config.model.stem, int(config.model.width), fmt)
+  try:
+    _, _, state = trainers.load_run(workdir, checkpoint)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"--checkpoint={checkpoint!r}: {e}") from None
+  variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+  if fmt == "detectron2":
+    with open(out, "wb") as f:
+      pickle.dump(to_detectron2(variables), f)
+    return
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("--format=torchvision writes a torch file and needs torch: "
+                      "pip install -e '.[detection]'") from e
+  torch.save({k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, out)
+
+
+_PROG = "nda_jax.exporters.backbone"
+
+
+def main(argv):
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from nda_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  which = int(f.checkpoint) if f.checkpoint.isdigit() else f.checkpoint
+  try:
+    export(f.workdir, which, f.format, f.out)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    cli.fail(_PROG, str(e))
+  print(f"wrote the {f.format} backbone of {f.workdir} ({f.checkpoint}) to {f.out}")
+
+
+if __name__ == "__main__":
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from nda_jax import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "A MoCo workdir.", required=True)
+  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step.")
+  flags.DEFINE_enum("format", None, list(FORMATS), "Target layout.", required=True)
+  flags.DEFINE_string("out", None, "The file to write (new).", required=True)
+  cli.run(main, _PROG)
