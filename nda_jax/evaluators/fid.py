@@ -14,7 +14,9 @@ of those features. Shape as in big_vision: build with its config, then
 
 Config (`default_config()`; one network per evaluator: metrics of the
 Inception and of the digits classifier go to two `config.evals` entries):
-  metrics            keys of METRICS, e.g. ('fid', 'is', 'kid') or ('fd_digits',).
+  metrics            keys of METRICS, e.g. ('fid', 'is', 'kid', 'prdc') or ('fd_digits',).
+                     'prdc' reports precision, recall, density and coverage
+                     ('prdc_digits': precision_digits, ...).
   num_samples        images drawn per evaluation (10000: the paper's FID-10k).
   sample_batch_size  images per sample_fn call (see above).
   batch_size         images per process per feature batch.
@@ -30,6 +32,9 @@ Inception and of the digits classifier go to two `config.evals` entries):
   ref_num            use at most this many reference images (0: all).
   is_splits          Inception Score splits.
   kid_subsets, kid_subset_size   KID subsets.
+  nearest_k          the k of all four PRDC metrics (5, as StudioGAN passes to
+                     `prdc`; the precision/recall paper used 3). PRDC and KID use
+                     the same reference features (ref_num, default num_samples).
 """
 from collections.abc import Callable, Iterator
 import hashlib
@@ -83,6 +88,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "kid": ("inception", "kid"),
     "fd_digits": ("digits", "fd"),
     "kid_digits": ("digits", "kid"),
+    "prdc": ("inception", "prdc"),
+    "prdc_digits": ("digits", "prdc"),
 }
 
 
@@ -141,6 +148,7 @@ class SampleQualityEvaluator:
         "is_splits": 10,
         "kid_subsets": 100,
         "kid_subset_size": 1000,
+        "nearest_k": 5,
     })
 
   def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, *,
@@ -155,7 +163,7 @@ class SampleQualityEvaluator:
     self.data_cfg = data_cfg
     self.metric_names = tuple(cfg.metrics)
     self.network = network_of(self.metric_names)
-    for key in ("num_samples", "sample_batch_size", "batch_size"):
+    for key in ("num_samples", "sample_batch_size", "batch_size", "nearest_k"):
       if cfg[key] < (2 if key == "num_samples" else 1):
         raise ValueError(f"{key}={cfg[key]}: too small")
     self.workdir = workdir
@@ -223,7 +231,7 @@ class SampleQualityEvaluator:
                                           cfg.sample_batch_size, self.extractor.batch_size)
     for feats in self.extractor.iterate(batches):
       samples.gaussian.update(feats[self.net.features_key])
-      if "kid" in stats:
+      if stats & {"kid", "prdc"}:
         samples.features.append(feats[self.net.features_key])
       if "is" in stats:
         samples.logits.append(feats[self.net.logits_key])
@@ -248,4 +256,11 @@ class SampleQualityEvaluator:
     yield name, mean
     yield f"{name}_std", std
 
-  _statistics = {"fd": _fd, "is": _is, "kid": _kid}
+  def _prdc(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
+    values = metrics.prdc(self.reference_features(), np.concatenate(samples.features),
+                          self.cfg.nearest_k)
+    suffix = name[len("prdc"):]             # '' or '_digits'
+    for key in metrics.PRDC_KEYS:
+      yield key + suffix, values[key]
+
+  _statistics = {"fd": _fd, "is": _is, "kid": _kid, "prdc": _prdc}
