@@ -402,6 +402,8 @@ def test_build_rejects_bad_entries_naming_the_valid_ones():
     build(type="sample_quality", metrics=("fid", "bogus"))
   with pytest.raises(ValueError, match="one config.evals entry per network"):
     build(type="sample_quality", metrics=("fid", "fd_digits"))
+  with pytest.raises(ValueError, match=r"resize='bicubic': valid modes \['clean', 'legacy_pytorch'\]"):
+    build(type="sample_quality", metrics=("fid",), resize="bicubic")
   with pytest.raises(FileNotFoundError, match="pytorch-fid"):
     build(type="sample_quality", metrics=("fid", "is"), inception_weights="/nonexistent.pth")
   with pytest.raises(ValueError, match=r"no evaluator 'fdd' in config.evals \(did you mean 'fd'"):

@@ -30,6 +30,10 @@ Inception and of the digits classifier go to two `config.evals` entries):
                      <workdir>/eval_cache/.
   ref_split          reference split ('': the data's train_split).
   ref_num            use at most this many reference images (0: all).
+  resize             how the Inception's input is resized to 299 px, clean-fid's names:
+                     'legacy_pytorch' (pytorch-fid's bilinear) or 'clean' (PIL's
+                     float bicubic). Neither is the TF graph's resize
+                     ('legacy_tensorflow') behind TTUR's and the paper's FIDs.
   is_splits          Inception Score splits.
   kid_subsets, kid_subset_size   KID subsets.
   nearest_k          the k of all four PRDC metrics (5, as StudioGAN passes to
@@ -65,8 +69,12 @@ class FeatureNet(NamedTuple):
 
 
 def _inception_net(cfg: ml_collections.ConfigDict) -> FeatureNet:
+  resize = cfg.get("resize", "legacy_pytorch")
+  if resize not in inception.RESIZE_MODES:
+    raise ValueError(f"resize={resize!r}: valid modes {sorted(inception.RESIZE_MODES)}")
   variables = inception_weights.load(cfg.inception_weights)
-  return FeatureNet(inception.InceptionV3FID().apply, variables, "pool", "logits_unbiased")
+  return FeatureNet(inception.InceptionV3FID(resize=resize).apply, variables, "pool",
+                    "logits_unbiased")
 
 
 def _digits_net(cfg: ml_collections.ConfigDict) -> FeatureNet:
@@ -145,6 +153,7 @@ class SampleQualityEvaluator:
         "ref_stats": str_or_none(),
         "ref_split": "",
         "ref_num": 0,
+        "resize": "legacy_pytorch",
         "is_splits": 10,
         "kid_subsets": 100,
         "kid_subset_size": 1000,
@@ -185,7 +194,8 @@ class SampleQualityEvaluator:
     if not self.workdir:
       return None
     desc = repr(sorted(self.data_cfg.to_dict().items())) + repr(
-        (self.ref_split, self.cfg.ref_num, self.network))
+        (self.ref_split, self.cfg.ref_num, self.network)) + (
+            repr(self.cfg.resize) if self.network == "inception" else "")
     digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
     return str(workdir_lib.path(self.workdir) / "eval_cache" /
                f"ref_stats_{self.network}_{digest}.npz")
