@@ -4,7 +4,7 @@ r"""Generate images from any GAN checkpoint.
   python -m nda_jax.sample --workdir=DIR --latents=z.npy --labels=y.npy --out=samples.npz
 
 Uses the run's resolved config (DIR/config.json); G_ema by default (--noema for G).
-.npz output holds `images` (uint8, NHWC, the official 255*(x+1)/2 conversion),
+.npz output holds `images` (uint8, NHWC, truncated as the official np.uint8(255*(x+1)/2)),
 `latents` and `labels`; .png output is a grid.
 """
 import io

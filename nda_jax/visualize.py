@@ -5,9 +5,14 @@ from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8, the way the official sampler converts (255 * (x + 1) / 2)."""
+  """[-1, 1] floats -> uint8 as BigGAN-PyTorch's sample.py saves them: np.uint8(255 * (x + 1) / 2).
+
+  The float32 product is truncated, not rounded, so saved samples hold the
+  levels the official FID was computed on (the FID evaluator truncates alike);
+  the clip only keeps values outside [-1, 1] from wrapping around.
+  """
   images = np.asarray(images, np.float32)
-  return np.clip(np.round(255.0 * (images + 1.0) / 2.0), 0, 255).astype(np.uint8)
+  return np.clip(255 * (images + 1) / 2, 0, 255).astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, ncol: int, pad: int = 1) -> np.ndarray:

@@ -14,7 +14,9 @@ of those features. Shape as in big_vision: build with its config, then
 
 Config (`default_config()`; one network per evaluator: metrics of the
 Inception and of the digits classifier go to two `config.evals` entries):
-  metrics            keys of METRICS, e.g. ('fid', 'is', 'kid') or ('fd_digits',).
+  metrics            keys of METRICS, e.g. ('fid', 'is', 'kid', 'prdc') or ('fd_digits',).
+                     'prdc' reports precision, recall, density and coverage
+                     ('prdc_digits': precision_digits, ...).
   num_samples        images drawn per evaluation (10000: the paper's FID-10k).
   sample_batch_size  images per sample_fn call (see above).
   batch_size         images per process per feature batch.
@@ -28,8 +30,15 @@ Inception and of the digits classifier go to two `config.evals` entries):
                      <workdir>/eval_cache/.
   ref_split          reference split ('': the data's train_split).
   ref_num            use at most this many reference images (0: all).
+  resize             how the Inception's input is resized to 299 px, clean-fid's names:
+                     'legacy_pytorch' (pytorch-fid's bilinear) or 'clean' (PIL's
+                     float bicubic). Neither is the TF graph's resize
+                     ('legacy_tensorflow') behind TTUR's and the paper's FIDs.
   is_splits          Inception Score splits.
   kid_subsets, kid_subset_size   KID subsets.
+  nearest_k          the k of all four PRDC metrics (5, as StudioGAN passes to
+                     `prdc`; the precision/recall paper used 3). PRDC and KID use
+                     the same reference features (ref_num, default num_samples).
 """
 from collections.abc import Callable, Iterator
 import hashlib
@@ -60,8 +69,12 @@ class FeatureNet(NamedTuple):
 
 
 def _inception_net(cfg: ml_collections.ConfigDict) -> FeatureNet:
+  resize = cfg.get("resize", "legacy_pytorch")
+  if resize not in inception.RESIZE_MODES:
+    raise ValueError(f"resize={resize!r}: valid modes {sorted(inception.RESIZE_MODES)}")
   variables = inception_weights.load(cfg.inception_weights)
-  return FeatureNet(inception.InceptionV3FID().apply, variables, "pool", "logits_unbiased")
+  return FeatureNet(inception.InceptionV3FID(resize=resize).apply, variables, "pool",
+                    "logits_unbiased")
 
 
 def _digits_net(cfg: ml_collections.ConfigDict) -> FeatureNet:
@@ -83,6 +96,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "kid": ("inception", "kid"),
     "fd_digits": ("digits", "fd"),
     "kid_digits": ("digits", "kid"),
+    "prdc": ("inception", "prdc"),
+    "prdc_digits": ("digits", "prdc"),
 }
 
 
@@ -138,9 +153,11 @@ class SampleQualityEvaluator:
         "ref_stats": str_or_none(),
         "ref_split": "",
         "ref_num": 0,
+        "resize": "legacy_pytorch",
         "is_splits": 10,
         "kid_subsets": 100,
         "kid_subset_size": 1000,
+        "nearest_k": 5,
     })
 
   def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, *,
@@ -155,7 +172,7 @@ class SampleQualityEvaluator:
     self.data_cfg = data_cfg
     self.metric_names = tuple(cfg.metrics)
     self.network = network_of(self.metric_names)
-    for key in ("num_samples", "sample_batch_size", "batch_size"):
+    for key in ("num_samples", "sample_batch_size", "batch_size", "nearest_k"):
       if cfg[key] < (2 if key == "num_samples" else 1):
         raise ValueError(f"{key}={cfg[key]}: too small")
     self.workdir = workdir
@@ -177,7 +194,8 @@ class SampleQualityEvaluator:
     if not self.workdir:
       return None
     desc = repr(sorted(self.data_cfg.to_dict().items())) + repr(
-        (self.ref_split, self.cfg.ref_num, self.network))
+        (self.ref_split, self.cfg.ref_num, self.network)) + (
+            repr(self.cfg.resize) if self.network == "inception" else "")
     digest = hashlib.sha256(desc.encode()).hexdigest()[:12]
     return str(workdir_lib.path(self.workdir) / "eval_cache" /
                f"ref_stats_{self.network}_{digest}.npz")
@@ -223,7 +241,7 @@ class SampleQualityEvaluator:
                                           cfg.sample_batch_size, self.extractor.batch_size)
     for feats in self.extractor.iterate(batches):
       samples.gaussian.update(feats[self.net.features_key])
-      if "kid" in stats:
+      if stats & {"kid", "prdc"}:
         samples.features.append(feats[self.net.features_key])
       if "is" in stats:
         samples.logits.append(feats[self.net.logits_key])
@@ -248,4 +266,11 @@ class SampleQualityEvaluator:
     yield name, mean
     yield f"{name}_std", std
 
-  _statistics = {"fd": _fd, "is": _is, "kid": _kid}
+  def _prdc(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
+    values = metrics.prdc(self.reference_features(), np.concatenate(samples.features),
+                          self.cfg.nearest_k)
+    suffix = name[len("prdc"):]             # '' or '_digits'
+    for key in metrics.PRDC_KEYS:
+      yield key + suffix, values[key]
+
+  _statistics = {"fd": _fd, "is": _is, "kid": _kid, "prdc": _prdc}

@@ -8,7 +8,11 @@ comparable with published ones:
   * IS: OpenAI's `improved-gan` code (10 consecutive splits, exp of the mean
     KL(p(y|x) || p(y)) per split, mean and std over splits);
   * KID: Binkowski et al. 2018 / torch-fidelity (unbiased MMD^2 with the
-    kernel (x.y / d + 1)^3 over random subsets, mean and std).
+    kernel (x.y / d + 1)^3 over random subsets, mean and std);
+  * precision / recall (Kynkaanniemi et al. 2019) and density / coverage
+    (Naeem et al. 2020): the `prdc` package's `compute_prdc` (one nearest_k
+    for all four, a point's radius the distance to its k-th neighbour within
+    its own set, strict `<` comparisons).
 Statistics files are `.npz` with `mu` [D] and `sigma` [D, D], the TTUR and
 pytorch-fid format, so their published files load as they are.
 """
@@ -169,3 +173,52 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray,
                           f2[rng.choice(len(f2), size, replace=False)])
           for _ in range(num_subsets)]
   return float(np.mean(mmds)), float(np.std(mmds))
+
+
+# ----------------------------------------------------------------------------- PRDC
+PRDC_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+  return np.maximum(d, 0.0)
+
+
+def _kth_neighbour_sq_radii(x: np.ndarray, k: int, chunk: int) -> np.ndarray:
+  """Squared distance of each row to its k-th nearest other row (the (k+1)-th counting itself)."""
+  return np.concatenate([np.partition(_squared_distances(x[i:i + chunk], x), k, axis=1)[:, k]
+                         for i in range(0, len(x), chunk)])
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5,
+         chunk: int = 1024) -> dict[str, float]:
+  """{precision, recall, density, coverage} of `fake` [M, D] against `real` [N, D].
+
+  precision: fraction of fakes inside some real point's k-NN ball; recall: of
+  reals inside some fake's ball; density: mean number of real balls holding a
+  fake, / k; coverage: fraction of real balls holding at least one fake.
+  Float64, `chunk` real rows at a time (never the whole N x M matrix), squared
+  distances compared (the same order as the distances).
+  """
+  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise ValueError(f"PRDC needs features [N, D] and [M, D], got {real.shape} and {fake.shape}.")
+  if nearest_k < 1 or min(len(real), len(fake)) <= nearest_k:
+    raise ValueError(f"nearest_k={nearest_k} needs more than {nearest_k} real and fake features, "
+                     f"got {len(real)} and {len(fake)}.")
+  real_r = _kth_neighbour_sq_radii(real, nearest_k, chunk)
+  fake_r = _kth_neighbour_sq_radii(fake, nearest_k, chunk)
+  fake_inside = np.zeros(len(fake), bool)     # precision
+  balls_per_fake = np.zeros(len(fake))         # density
+  real_recalled, real_covered = [], []
+  for i in range(0, len(real), chunk):
+    d = _squared_distances(real[i:i + chunk], fake)
+    in_real_ball = d < real_r[i:i + chunk, None]
+    fake_inside |= in_real_ball.any(0)
+    balls_per_fake += in_real_ball.sum(0)
+    real_recalled.append((d < fake_r[None, :]).any(1))
+    real_covered.append(in_real_ball.any(1))
+  return {"precision": float(fake_inside.mean()),
+          "recall": float(np.concatenate(real_recalled).mean()),
+          "density": float(balls_per_fake.mean() / nearest_k),
+          "coverage": float(np.concatenate(real_covered).mean())}

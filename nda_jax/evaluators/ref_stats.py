@@ -39,8 +39,8 @@ def compute(data_config: ml_collections.ConfigDict, split: str, network: str,
             max_count: int | None = None) -> metrics.GaussianStats:
   """Statistics of `network` features over (the first `max_count` images of) a split.
 
-  `weights` holds what the network's builder reads: `inception_weights` or
-  `digits_classifier`, as in a `sample_quality` evaluator's config.
+  `weights` holds what the network's builder reads, as in a `sample_quality`
+  evaluator's config: `inception_weights` and `resize`, or `digits_classifier`.
   """
   if network not in fid.FEATURE_NETS:
     raise ValueError(f"Unknown feature network {network!r}; valid: {sorted(fid.FEATURE_NETS)}.")
@@ -60,6 +60,7 @@ def main(argv):
     raise app.UsageError("--out is required.")
   data = ml_collections.ConfigDict({k: v for k, v in data.to_dict().items() if v is not None})
   weights = ml_collections.ConfigDict({"inception_weights": f.inception_weights,
+                                       "resize": f.resize,
                                        "digits_classifier": f.digits_classifier})
   stats = compute(data, f.split, f.features, weights, f.batch_size, f.num or None)
   metrics.save_stats(f.out, stats.mu, stats.sigma)
@@ -74,6 +75,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("split", "train", "Split of the data source.")
   flags.DEFINE_enum("features", "inception", sorted(fid.FEATURE_NETS), "Feature network.")
   flags.DEFINE_string("inception_weights", None, "pytorch-fid .pth or converted .npz.")
+  flags.DEFINE_enum("resize", "legacy_pytorch", ["legacy_pytorch", "clean"],
+                    "FID resize mode (the sample_quality evaluator's `resize`).")
   flags.DEFINE_string("digits_classifier", None, "fd_digits classifier cache file.")
   flags.DEFINE_integer("num", 0, "Use only the first N images (0: all).")
   flags.DEFINE_integer("batch_size", 100, "Images per process per batch.")

@@ -50,6 +50,30 @@ def resize_bilinear(x: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
       translation=jnp.zeros(2, jnp.float32), method="linear", antialias=False)
 
 
+def resize_clean(x: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
+  """clean-fid's 'clean' resize of [-1, 1] NHWC images, returned in [-1, 1].
+
+  clean-fid resizes each channel of the [0, 255] image as a float32 PIL 'F'
+  image with bicubic filtering (Keys a = -0.5, antialiased when shrinking,
+  out-of-image taps dropped and the weights renormalised), keeps the result
+  unquantised and clips it to [0, 255]. `scale_and_translate` 'cubic' is that
+  filter (agrees with PIL to float32 rounding, about 5e-4 of 255).
+  """
+  b, h, w, c = x.shape
+  if (h, w) == (size, size):
+    return x
+  scale = jnp.array([size / h, size / w], jnp.float32)
+  pixels = jax.image.scale_and_translate(
+      (x + 1.0) * 127.5, (b, size, size, c), spatial_dims=(1, 2), scale=scale,
+      translation=jnp.zeros(2, jnp.float32), method="cubic", antialias=True)
+  return jnp.clip(pixels, 0.0, 255.0) / 127.5 - 1.0
+
+
+# FID resize modes, named as clean-fid names them. Neither is the TF graph's
+# resize (clean-fid's 'legacy_tensorflow') that TTUR and the paper's numbers used.
+RESIZE_MODES = {"legacy_pytorch": resize_bilinear, "clean": resize_clean}
+
+
 def _pad(padding: int | Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
   ph, pw = (padding, padding) if isinstance(padding, int) else padding
   return ((ph, ph), (pw, pw))
@@ -184,9 +208,10 @@ class InceptionV3FID(nn.Module):
   `logits_unbiased` is `pool @ W` without the bias: the quantity OpenAI's
   original Inception-Score code (and torch-fidelity) softmaxes, so the IS
   computed from it is comparable with published ones.
-  With `resize`, inputs of any size are bilinearly resized to 299x299 first.
+  Inputs of any size are resized to 299x299 first by `resize`, a key of
+  RESIZE_MODES (pytorch-fid's bilinear by default), or not at all (None).
   """
-  resize: bool = True
+  resize: str | None = "legacy_pytorch"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -194,7 +219,7 @@ class InceptionV3FID(nn.Module):
     chex.assert_axis_dimension(x, 3, 3)
     x = x.astype(jnp.float32)
     if self.resize:
-      x = resize_bilinear(x)
+      x = RESIZE_MODES[self.resize](x)
     x = ConvBN(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
     x = ConvBN(32, (3, 3), name="Conv2d_2a_3x3")(x)
     x = ConvBN(64, (3, 3), padding=1, name="Conv2d_2b_3x3")(x)

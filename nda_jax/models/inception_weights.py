@@ -55,7 +55,7 @@ _IGNORED_SUFFIX = "num_batches_tracked"
 @functools.cache
 def expected_shapes() -> dict[str, tuple[int, ...]]:
   """'collection/path/leaf' -> shape of every variable of `InceptionV3FID`."""
-  abstract = jax.eval_shape(inception.InceptionV3FID(resize=False).init,
+  abstract = jax.eval_shape(inception.InceptionV3FID(resize=None).init,
                             jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
   return {k: v.shape for k, v in flatten(abstract).items()}
 
