@@ -3,7 +3,7 @@ on cases computed by hand (no torch)."""
 import numpy as np
 import pytest
 
-from nda_jax.detection import voc, voc_ap
+from nda_jax.detection import coco_ap, voc, voc_ap
 
 
 def _gt(*boxes, difficult=None):
@@ -72,3 +72,27 @@ def test_read_annotation(tmp_path):
   path.write_text("<annotation>")
   with pytest.raises(ValueError, match="not readable XML"):
     voc.read_annotation(str(path))
+
+
+def test_coco_ap_duplicate_detection_101_points():
+  pytest.importorskip("pycocotools")
+  gt = {"im": (np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([1, 1]),
+               np.array([False, False]))}
+  dets = [("im", 1, 0.9, [0, 0, 10, 10]), ("im", 1, 0.8, [0, 0, 10, 10]),
+          ("im", 1, 0.7, [20, 20, 30, 30])]
+  # Interpolated precision 1 at recall 0..0.50 (51 of 101 points), 2/3 at 0.51..1 (50):
+  # the same at every IoU threshold (exact boxes). VOC07's 11 points give 28/33 instead.
+  want = (51 + 50 * 2 / 3) / 101 * 100
+  assert coco_ap.evaluate(dets, gt, num_classes=2) == pytest.approx(
+      {"AP": want, "AP50": want, "AP75": want})
+
+
+def test_coco_ap_ignores_difficult():
+  pytest.importorskip("pycocotools")
+  gt = {"im": (np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0, 0]),
+               np.array([False, True]))}
+  # fp, a hit on the crowd (ignored), tp: precision 1/2 at every recall -> 50; counted as an
+  # object 2/3, dropped (the hit a fp) 1/3.
+  dets = [("im", 0, 0.9, [50, 50, 60, 60]), ("im", 0, 0.8, [20, 20, 30, 30]),
+          ("im", 0, 0.7, [0, 0, 10, 10])]
+  assert coco_ap.evaluate(dets, gt, num_classes=1)["AP"] == pytest.approx(50.0)
