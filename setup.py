@@ -35,6 +35,10 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
         # Weight importers (official BigGAN-PyTorch / pytorch-fid checkpoints) and their parity tests.
         "torch": ["torch>=2.1"],
+        # Detection transfer (exporters.backbone's .pth, torchvision Faster R-CNN, COCO AP).
+        # A pair that installs and imports together on CPU (2.13.0+cpu with PyPI's
+        # torchvision fails: operator torchvision::nms does not exist); ~5.5 GB (CUDA build).
+        "detection": ["torch==2.14.1", "torchvision==0.29.1", "pycocotools>=2.0.7"],
         # gs:// workdirs (TPU VM jobs writing to a bucket): files through epath (gcsfs),
         # TensorBoard events through tensorboardX's own gs:// writer.
         "gcs": ["etils[epath-gcs]", "google-cloud-storage"],

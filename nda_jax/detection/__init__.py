@@ -1,0 +1,1 @@
+"""Object detection transfer: VOC annotations and the VOC / COCO AP definitions."""
