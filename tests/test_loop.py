@@ -195,3 +195,33 @@ def test_config_json_not_overwritten_by_a_bad_config(tmp_path):
   assert rc == 1 and "checkpoint.every" in out and "Traceback" not in out
   assert (tmp_path / "config.json").read_text() == before
   assert json.loads(before)["train"]["total_steps"] == 2
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_keep_best_keeps_the_best_step_across_a_resume(tmp_path, mode):
+  """keep=1 keeps only the latest step; keep_best=1 must also keep the step whose
+  kNN top-1 is best so far, through a resume, and `which='best'` loads it. In
+  'min' mode the best is an early step (accuracy rises as the toy trains), so it
+  survives only if keep-best really preserves it."""
+  c = config(**{"train.total_steps": 8, "checkpoint.every": 1, "checkpoint.keep": 1,
+                "checkpoint.keep_best": 1, "checkpoint.best_metric": "knn_top1",
+                "checkpoint.best_mode": mode})
+  c.evals.knn = evaluators.default_config("knn")
+  c.evals.knn.update(every=1, k=5)
+  half = config(**{"train.total_steps": 4})
+  half.checkpoint, half.evals = c.checkpoint, c.evals
+  loop.train_and_evaluate(half, str(tmp_path))
+  loop.train_and_evaluate(c, str(tmp_path))
+  records = common.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))   # Resumed at 5.
+  scores = {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r}
+  assert sorted(scores) == list(range(1, 9))
+  sign = 1 if mode == "max" else -1
+  best = max(scores, key=lambda s: (sign * scores[s], s))     # Ties: the later step.
+  if mode == "min":
+    assert best < 8, scores   # The test's premise: the best is not the latest.
+  checkpointer = trainers.checkpointer(c, str(tmp_path), read_only=True)
+  assert checkpointer.all_steps() == sorted({best, 8})
+  assert checkpointer.resolve_step("best") == best
+  state = trainers.load_run(str(tmp_path), "best", config=c)[2]
+  assert int(state.step) == best
