@@ -156,9 +156,10 @@ class Checkpointer:
     also sets its position. Returns (state, how the data position was set):
     'restored'; 'start' for a step-0 checkpoint without one (imported
     weights: the pipeline starts from the beginning); 'other_process_count'
-    when the run was saved by a different number of processes (the position
-    cannot be carried over). A training checkpoint without its data item is
-    damaged (ValueError), never a silently inexact resume.
+    when every pipeline file is for a different number of processes (the
+    position cannot be carried over). A set for this process count that lacks
+    this process's file, or a training checkpoint without its data item, is
+    damage (ValueError), never a silently inexact resume.
     """
     self._check_same_model(step, abstract_state)
     items = {_STATE: ocp.args.StandardRestore(abstract_state)}
@@ -170,6 +171,10 @@ class Checkpointer:
           raise ValueError(f"checkpoint {step} has no input-pipeline state")
         data = "start"
       elif not (data_dir / _process_file()).exists():
+        if any(data_dir.glob(f"process_*-of-{jax.process_count()}.json")):
+          raise ValueError(f"checkpoint {step}'s input-pipeline state lacks {_process_file()}")
+        if not any(data_dir.glob("process_*-of-*.json")):
+          raise ValueError(f"checkpoint {step}'s input-pipeline state holds no process file")
         data = "other_process_count"
       else:
         items[_DATA] = grain_ckpt.CheckpointRestore(data_iterator)

@@ -225,3 +225,14 @@ def test_keep_best_keeps_the_best_step_across_a_resume(tmp_path, mode):
   assert checkpointer.resolve_step("best") == best
   state = trainers.load_run(str(tmp_path), "best", config=c)[2]
   assert int(state.step) == best
+
+
+def test_a_missing_pipeline_file_is_damage_not_another_process_count(straight_run, tmp_path):
+  """Without this process's pipeline file, step 4 cannot resume exactly: the run
+  falls back to step 2 (and says it is damage), ending where an exact run ends."""
+  loop.train_and_evaluate(config(**{"train.total_steps": 4}), str(tmp_path))
+  (tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json").unlink()
+  loop.train_and_evaluate(config(), str(tmp_path))
+  assert (tmp_path / "checkpoints_damaged" / "4").is_dir()
+  assert [r["step"] for r in common.read_metrics(str(tmp_path))][-4:] == [3, 4, 5, 6]
+  assert_same_state(straight_run, tmp_path, config())
