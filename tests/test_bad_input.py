@@ -6,9 +6,11 @@ workdir made once for the module (config.json, a step-2 checkpoint with its pipe
 position, metrics.jsonl). The cases run a few at a time; each test then checks one.
 """
 from concurrent import futures
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -163,12 +165,16 @@ def _make_run(workdir):
   writer.close()
 
 
+_ONE_MAIN_AT_A_TIME = threading.Lock()   # One writer per workdir: a second `main` is refused.
+
+
 def _run(case, places):
   _, command, _ = case
   module, *args = command
   cmd = [sys.executable, "-m", module, *(a.format(**places) for a in args)]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
+    with _ONE_MAIN_AT_A_TIME if module == "nda_jax.main" else contextlib.nullcontext():
+      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired as e:
     return None, f"timed out after {TIMEOUT_S} s: {e.stdout}{e.stderr}"
   return proc.returncode, proc.stdout + proc.stderr
