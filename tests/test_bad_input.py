@@ -6,11 +6,13 @@ workdir made once for the module (config.json, a step-2 checkpoint with its pipe
 position, metrics.jsonl). The cases run a few at a time; each test then checks one.
 """
 from concurrent import futures
+import contextlib
 import importlib.util
 import os
 import pickle
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -239,6 +241,9 @@ def _make_run(workdir, step=2):
   writer.close()
 
 
+_ONE_MAIN_AT_A_TIME = threading.Lock()   # One writer per workdir: a second `main` is refused.
+
+
 def _run(case, places):
   _, command, _ = case
   module, *args = command
@@ -246,8 +251,9 @@ def _run(case, places):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(   # tests/ for `faults`.
       [os.path.join(REPO, "tests"), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S,
-                          env=env)
+    with _ONE_MAIN_AT_A_TIME if "nda_jax.main" in command else contextlib.nullcontext():
+      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S,
+                            env=env)
   except subprocess.TimeoutExpired as e:
     return None, f"timed out after {TIMEOUT_S} s: {e.stdout}{e.stderr}"
   return proc.returncode, proc.stdout + proc.stderr
