@@ -51,3 +51,18 @@ def test_epath_reaches_server(gcs_bucket):
   path.write_text("hi")
   assert path.read_text() == "hi"
   assert [p.name for p in (epath.Path(gcs_bucket) / "epath").iterdir()] == ["hello.txt"]
+
+
+def test_move_tree_on_bucket(gcs_bucket):
+  """A damaged step is moved aside on a bucket, where mkdir makes nothing."""
+  from etils import epath
+  from nda_jax import workdir as workdir_lib
+  root = epath.Path(gcs_bucket) / "move"
+  files = {"state/a": "1", "state/sub/b": "2", "data/c.json": "3"}
+  for name, text in files.items():
+    (root / "checkpoints" / "7" / name).write_text(text)
+  destination = root / "checkpoints_damaged" / "7"
+  workdir_lib.move_tree(root / "checkpoints" / "7", destination)
+  assert not (root / "checkpoints" / "7").exists()
+  assert {str(p.relative_to(destination)): p.read_text()
+          for p in workdir_lib.files(destination)} == files
