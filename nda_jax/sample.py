@@ -2,6 +2,7 @@ r"""Generate images from any GAN checkpoint.
 
   python -m nda_jax.sample --workdir=DIR --num=64 --out=samples.png
   python -m nda_jax.sample --workdir=DIR --latents=z.npy --labels=y.npy --out=samples.npz
+  python -m nda_jax.sample --workdir=DIR --num=64 --truncation=0.5 --out=samples.png
 
 Uses the run's resolved config (DIR/config.json); G_ema by default (--noema for G).
 .npz output holds `images` (uint8, NHWC, truncated as the official np.uint8(255*(x+1)/2)),
@@ -26,6 +27,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples (ignored with --latents).")
 _LATENTS = flags.DEFINE_string("latents", None, ".npy of latents [N, dim_z].")
 _LABELS = flags.DEFINE_string("labels", None, ".npy of int labels [N] (conditional models).")
+_TRUNCATION = flags.DEFINE_float(
+    "truncation", 0.0, "BigGAN truncation threshold t: latents from N(0, 1) truncated to "
+    "[-t, t] (redrawn beyond, not clipped); 0: none. Ignored with --latents.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of latents and labels when not given.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Samples per G call (BN batch statistics).")
 _EMA = flags.DEFINE_boolean("ema", True, "Sample from the EMA generator.")
@@ -44,7 +48,8 @@ def _load_npy(path: str, what: str) -> np.ndarray:
                      f"({type(e).__name__}); save it with numpy.save") from None
 
 
-def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_path=None):
+def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_path=None,
+                       truncation: float = 0.0):
   n_classes = gan.num_classes(config)
   if latents_path:
     z = _load_npy(latents_path, "--latents").astype(np.float32)
@@ -52,7 +57,7 @@ def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_pa
       raise ValueError(f"{latents_path}: latents of shape {z.shape}; expected [N, "
                        f"{config.model.dim_z}]")
   else:
-    z = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (num, config.model.dim_z)))
+    z = np.asarray(gan.latents(jax.random.PRNGKey(seed), num, config.model.dim_z, truncation))
   if labels_path:
     y = _load_npy(labels_path, "--labels")
     if y.shape != (len(z),) or not np.issubdtype(y.dtype, np.integer) or (
@@ -75,7 +80,8 @@ def main(argv):
     config, method, state = trainers.load_run(_WORKDIR.value, _CHECKPOINT.value)
     if not isinstance(method, gan.GAN):
       raise ValueError(f"{_WORKDIR.value} is a {config.trainer!r} run; sampling needs a GAN")
-    z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value)
+    z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value,
+                              _TRUNCATION.value)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(_PROG, str(e))
   images = gan.sample_in_batches(gan.make_sampler(config, ema=_EMA.value), state, z, y,

@@ -354,6 +354,35 @@ def test_sample_npz_holds_the_official_uint8_conversion(demo_run, tmp_path):
   assert 0.3 < (rounded != official).mean() < 0.7
 
 
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.0])
+def test_truncated_latents_follow_scipy_truncnorm(t):
+  """BigGAN's truncation trick: N(0, 1) conditioned on |z| <= t (redrawn, not clipped)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  z = np.asarray(gan.latents(jax.random.PRNGKey(3), 5000, 4, t)).ravel()
+  assert np.abs(z).max() <= t
+  assert stats.kstest(z, stats.truncnorm(-t, t).cdf).pvalue > 1e-3
+  # The test tells the two apart: clipped normals (mass at +-t) fail it.
+  clipped = np.clip(np.asarray(gan.latents(jax.random.PRNGKey(3), 5000, 4)).ravel(), -t, t)
+  assert stats.kstest(clipped, stats.truncnorm(-t, t).cdf).pvalue < 1e-6
+  np.testing.assert_array_equal(gan.latents(jax.random.PRNGKey(3), 8, 4),
+                                jax.random.normal(jax.random.PRNGKey(3), (8, 4)))
+  with pytest.raises(ValueError, match="truncation=-1"):
+    gan.latents(jax.random.PRNGKey(0), 2, 2, -1)
+
+
+def test_sample_truncation_flag(demo_run, tmp_path):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "t.npz"
+  proc = subprocess.run([sys.executable, "-m", "nda_jax.sample", f"--workdir={demo_run}",
+                         "--num=256", "--truncation=0.5", f"--out={out}"],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(out) as f:
+    z = f["latents"].ravel()
+  assert np.abs(z).max() <= 0.5
+  assert stats.kstest(z, stats.truncnorm(-0.5, 0.5).cdf).pvalue > 1e-3
+
+
 # ------------------------------------------------------------------ plot tool
 def test_plot_panels_follow_the_metrics(demo_run, tmp_path):
   records = common.read_metrics(demo_run)

@@ -377,6 +377,22 @@ def test_prdc_digits_are_prdc_of_the_classifier_features(use_digits_net):
     np.testing.assert_allclose(got[key + "_digits"], expected[key], atol=1e-9, err_msg=key)
 
 
+def test_truncation_reaches_sample_fn(use_digits_net):
+  from nda_jax.data import digits  # pylint: disable=g-import-not-at-top
+  real, _ = digits.load_digits("train", 16)
+  seen = []
+  def sample_fn(rng, n, **kwargs):
+    seen.append(kwargs)
+    return real[:n]
+  for truncation, expected in ((0.0, {}), (0.7, {"truncation": 0.7})):
+    seen.clear()
+    cfg = _digits_config(num_samples=64, sample_batch_size=32, truncation=truncation)
+    dict(fid.SampleQualityEvaluator(cfg, DIGITS).run(sample_fn=sample_fn))
+    assert seen == [expected, expected]
+  with pytest.raises(ValueError, match="truncation=-0.5"):
+    fid.SampleQualityEvaluator(_digits_config(truncation=-0.5), DIGITS)
+
+
 def test_ref_stats_compute_matches_direct(use_digits_net):
   from nda_jax.data import digits  # pylint: disable=g-import-not-at-top
   data = ml_collections.ConfigDict({"name": "digits", "image_size": 16})

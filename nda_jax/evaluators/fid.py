@@ -11,6 +11,9 @@ of those features. Shape as in big_vision: build with its config, then
                        fold_in(rng, i), rng from `seed`. A GAN draws one call
                        as one generator batch, so with batch-statistics BN
                        this is the BN batch (64 in the official protocol).
+                       With `truncation` > 0 it is called as
+                       sample_fn(rng, n, truncation=t) (a GAN: latents from the
+                       normal truncated to [-t, t], BigGAN's truncation trick).
 
 Config (`default_config()`; one network per evaluator: metrics of the
 Inception and of the digits classifier go to two `config.evals` entries):
@@ -21,6 +24,7 @@ Inception and of the digits classifier go to two `config.evals` entries):
   sample_batch_size  images per sample_fn call (see above).
   batch_size         images per process per feature batch.
   seed               sampling seed (0, as the official sample.py).
+  truncation         latent truncation threshold passed to sample_fn (0: none).
   quantize           truncate samples to uint8 levels first (True, as the official
                      pipeline saved uint8 samples before computing FID).
   inception_weights  pytorch-fid's .pth or a converted .npz (fid / is / kid).
@@ -41,6 +45,7 @@ Inception and of the digits classifier go to two `config.evals` entries):
                      the same reference features (ref_num, default num_samples).
 """
 from collections.abc import Callable, Iterator
+import functools
 import hashlib
 import time
 from typing import Any, NamedTuple
@@ -147,6 +152,7 @@ class SampleQualityEvaluator:
         "sample_batch_size": 64,
         "batch_size": 100,
         "seed": 0,
+        "truncation": 0.0,
         "quantize": True,
         "inception_weights": str_or_none(),
         "digits_classifier": str_or_none(),
@@ -175,6 +181,8 @@ class SampleQualityEvaluator:
     for key in ("num_samples", "sample_batch_size", "batch_size", "nearest_k"):
       if cfg[key] < (2 if key == "num_samples" else 1):
         raise ValueError(f"{key}={cfg[key]}: too small")
+    if cfg.truncation < 0:
+      raise ValueError(f"truncation={cfg.truncation}: use a threshold > 0, or 0 for none")
     self.workdir = workdir
     self.net = FEATURE_NETS[self.network](cfg)
     self.extractor = features_lib.FeatureExtractor(
@@ -237,6 +245,8 @@ class SampleQualityEvaluator:
     start = time.time()
     stats = {METRICS[n][1] for n in self.metric_names}
     samples = _SampleFeatures(metrics.GaussianStats(), [], [])
+    if cfg.truncation:
+      sample_fn = functools.partial(sample_fn, truncation=cfg.truncation)
     batches = features_lib.sample_batches(sample_fn, jax.random.key(cfg.seed), cfg.num_samples,
                                           cfg.sample_batch_size, self.extractor.batch_size)
     for feats in self.extractor.iterate(batches):

@@ -309,12 +309,27 @@ def sheet_images(config, sample, state: GANState) -> np.ndarray:
   return sample_in_batches(sample, state, z, y, batch_size=len(z))
 
 
-def _sample_for_eval(config, sampler, state, rng: jax.Array, num: int) -> np.ndarray:
+def latents(key: jax.Array, num: int, dim_z: int, truncation: float = 0.0) -> jax.Array:
+  """[num, dim_z] N(0, 1) latents; with truncation t > 0 the normal truncated to [-t, t].
+
+  BigGAN's truncation trick as StudioGAN and BigGAN's samplers draw it
+  (scipy's truncnorm(-t, t): values beyond t redrawn, not clipped, not rescaled);
+  jax.random.truncated_normal samples that distribution by its inverse CDF.
+  """
+  if truncation < 0:
+    raise ValueError(f"truncation={truncation}: use a threshold > 0, or 0 for none")
+  if truncation:
+    return jax.random.truncated_normal(key, -truncation, truncation, (num, dim_z), jnp.float32)
+  return jax.random.normal(key, (num, dim_z), jnp.float32)
+
+
+def _sample_for_eval(config, sampler, state, rng: jax.Array, num: int,
+                     truncation: float = 0.0) -> np.ndarray:
   """`num` EMA samples drawn as one batch: G's BN statistics over the `num` samples, so
   the evaluator's `sample_batch_size` (64 in the official protocol) is the BN batch."""
   n_classes = num_classes(config)
   z_key, y_key = jax.random.split(rng)
-  z = np.asarray(jax.random.normal(z_key, (num, config.model.dim_z), jnp.float32))
+  z = np.asarray(latents(z_key, num, config.model.dim_z, truncation))
   y = np.asarray(jax.random.randint(y_key, (num,), 0, n_classes, jnp.int32))
   return sample_in_batches(sampler, state, z, y, num)
 
