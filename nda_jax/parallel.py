@@ -6,6 +6,7 @@ it either with `jax.shard_map` under `jax.jit` over a 1-D `Mesh(('data',))`, or
 with `jax.pmap`; both must give the same numbers. The canonical (host-side,
 checkpointed) state is always unreplicated: `put_state` / `get_state` convert.
 """
+import collections
 import dataclasses
 import functools
 import itertools
@@ -62,6 +63,65 @@ def compile_together(jitted_fn: Callable[..., Any], *args: Any) -> None:
   from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   multihost.get_barrier_sync_fn()(key=f"nda_jax_compiled_{next(_BARRIERS)}",
                                   timeout_ms=COMPILE_WAIT_S * 1000)
+
+
+_STOPS = itertools.count()
+STOP_LEAD = 2   # Steps in flight per host: how far one host may run ahead of another.
+
+
+class StopAgreement:
+  """Every process stops after the same step, whichever one was signalled.
+
+  No collective per step: the signalled process announces step + STOP_LEAD + 1
+  in the coordination service's key-value store (the first announcement wins)
+  and every process polls the store once per step (one non-blocking RPC, no
+  device work). `throttle` keeps at most STOP_LEAD steps in flight: a host
+  dispatches step t only once its step t - STOP_LEAD finished, whose collectives
+  needed every peer to have dispatched it. So no host runs more than STOP_LEAD
+  steps ahead of another, and each reaches the announced step only after the
+  announcing host wrote it.
+  """
+
+  def __init__(self):
+    self._multi = jax.process_count() > 1
+    self._key = f"nda_jax/stop/{next(_STOPS)}/"   # Every process calls in the same order.
+    self._stop: int | None = None
+    self._in_flight: collections.deque = collections.deque()
+
+  def throttle(self, step_outputs: Any) -> None:
+    if not self._multi:
+      return
+    self._in_flight.append(step_outputs)
+    if len(self._in_flight) > STOP_LEAD:
+      jax.block_until_ready(self._in_flight.popleft())
+
+  def should_stop(self, step: int, requested: bool) -> bool:
+    """Whether the loop stops after `step` (just dispatched)."""
+    if not self._multi:
+      return requested
+    if self._stop is None:
+      self._stop = self._read()
+      if self._stop is None and requested:
+        self._stop = self._announce(step + STOP_LEAD + 1)
+      if self._stop is not None and step > self._stop:
+        raise RuntimeError(f"this process is at step {step}, past the agreed stop step "
+                           f"{self._stop}: the hosts drifted more than {STOP_LEAD} steps apart")
+    return self._stop is not None and step >= self._stop
+
+  def _client(self):
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top  (no public KV API)
+    return distributed.global_state.client
+
+  def _read(self) -> int | None:
+    entries = self._client().key_value_dir_get(self._key)
+    return int(entries[0][1]) if entries else None
+
+  def _announce(self, stop: int) -> int:
+    try:
+      self._client().key_value_set(self._key + "at", str(stop))
+      return stop
+    except jax.errors.JaxRuntimeError:   # A peer announced first: its step holds.
+      return self._read()
 
 
 def must_block_each_step() -> bool:

@@ -51,7 +51,8 @@ def _free_port() -> int:
 
 
 def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signal_at=None,
-            config_arg: str = "configs/demo.py:tiny"):
+            config_arg: str = "configs/demo.py:tiny", entry=("-m", "nda_jax.main"),
+            env_extra=None):
   """`num_processes` processes of `nda_jax.main` in one job; returns their outputs.
 
   Fails (killing the others) when a process exits non-zero, or when the job runs
@@ -69,9 +70,10 @@ def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signa
     if num_processes > 1:
       env.update(NDA_COORDINATOR=f"127.0.0.1:{port}", NDA_NUM_PROCESSES=str(num_processes),
                  NDA_PROCESS_ID=str(i), NDA_INIT_TIMEOUT="120")
+    env.update({k: v.format(process=i) for k, v in (env_extra or {}).items()})
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w+")
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "nda_jax.main", f"--config={config_arg}",
+        [sys.executable, *entry, f"--config={config_arg}",
          f"--workdir={workdir}", *flags], env=env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT, text=True))
     logs.append(log)
@@ -145,6 +147,24 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
     assert f"stopping at step {stopped} after a signal" in out, out[-3000:]
   assert [r["step"] for r in common.read_metrics(str(tmp_path / "run"))] == list(
       range(1, stopped + 1))
+
+
+def test_no_host_sync_per_step_for_stopping(tmp_path):
+  """The stop decision costs no collective and no host read per step: 2-process runs
+  of 3 and 9 steps (no logs, saves or samples in between) make the same number of
+  `multihost_utils` and `jax.device_get` calls (tests/count_main.py counts them).
+  An allgather of the stop flag per step would add 6 to process_allgather."""
+  counts = {}
+  for total in (3, 9):
+    out = tmp_path / f"counts_{total}"
+    out.mkdir()
+    run_job(tmp_path / f"run_{total}", 2, 2, "--config.train.num_d_steps=1",
+            f"--config.train.total_steps={total}", "--config.checkpoint.every=1000",
+            "--config.train.log_every=1000", "--config.sample.every=0",
+            entry=(os.path.join("tests", "count_main.py"),),
+            env_extra={"NDA_COUNT_FILE": str(out / "process_{process}.json")})
+    counts[total] = [json.load(open(out / f"process_{i}.json")) for i in range(2)]
+  assert counts[3] == counts[9], counts
 
 
 def test_a_crashed_process_fails_the_job_quickly(tmp_path):

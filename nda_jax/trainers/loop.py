@@ -136,14 +136,6 @@ def check_config(config: ml_collections.ConfigDict) -> parallel.DataParallel:
   return dp
 
 
-def _stop_everywhere(signals: ckpt_lib.StopSignals) -> bool:
-  """All processes stop at the same step, whichever one was signalled."""
-  if jax.process_count() == 1:
-    return signals.requested
-  flags = multihost_utils.process_allgather(np.int32(signals.requested))
-  return bool(np.max(flags))
-
-
 def _lock(workdir: str):
   """Process 0 takes the workdir's lock; every process learns whether it did."""
   lock, error = None, None
@@ -204,6 +196,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   checkpointer = trainers.checkpointer(config, workdir)
   signals = ckpt_lib.StopSignals()
+  stopper = parallel.StopAgreement()
   writer = None
   try:
     # Restore first: a resumed run needs no init (a probe's init reads its pretrained run).
@@ -250,7 +243,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       step += 1
       if block:
         jax.block_until_ready(device_metrics)
-      stop = _stop_everywhere(signals)   # Read once: a later signal stops the next step.
+      stopper.throttle(device_metrics)
+      stop = stopper.should_stop(step, signals.requested)
       last = step == steps_total or stop
       to_log = _due(config.train.log_every, step, last)
       to_save = _due(config.checkpoint.every, step, last)
