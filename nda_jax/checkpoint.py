@@ -13,6 +13,7 @@ Readers (eval, sample, probes) open a run `read_only`: they never write,
 move or delete anything in it. Paths go through epath, so a workdir may be a
 bucket.
 """
+import math
 import signal
 import threading
 from typing import Any, Callable
@@ -75,13 +76,26 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "min"), n=keep_best,
+          get_metric_fn=self._score, reverse=(best_mode == "min"), n=keep_best,
           keep_checkpoints_without_metrics=False))
+    # Orbax writes a step's metrics only when `best_fn` is set.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, create=False, read_only=read_only,
+            best_fn=self._score, best_mode=best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)))
+
+  def _score(self, metrics: dict | None) -> float:
+    """The best metric, with a missing or non-finite value scored worst: never best."""
+    value = (metrics or {}).get(self.best_metric)
+    try:
+      value = float(value)
+    except (TypeError, ValueError):
+      value = math.nan
+    if math.isfinite(value):
+      return value
+    return math.inf if self.best_mode == "min" else -math.inf
 
   # ------------------------------------------------------------------ steps
   def latest_step(self) -> int | None:
@@ -91,15 +105,14 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
-    """The kept step with the best recorded metric (None when none has one)."""
+    """The kept step with the best finite metric; on a tie the latest (None when none has one)."""
+    sign = 1.0 if self.best_mode == "max" else -1.0
     scored = []
     for step in self._manager.all_steps():
-      metrics = self._manager.metrics(step)
-      if metrics and self.best_metric in metrics:
-        scored.append((metrics[self.best_metric], step))
-    if not scored:
-      return None
-    return (min if self.best_mode == "min" else max)(scored)[1]
+      score = self._score(self._manager.metrics(step))
+      if math.isfinite(score):
+        scored.append((sign * score, step))
+    return max(scored)[1] if scored else None
 
   def resolve_step(self, which: str | int) -> int:
     """'latest', 'best' or a step number -> an existing step, with a clear error."""
@@ -132,7 +145,8 @@ class Checkpointer:
     if data_state is not None:
       items[_DATA] = grain_ckpt.CheckpointSave(_DataSnapshot(data_state))
     self.directory.mkdir(parents=True, exist_ok=True)
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}),
+                       force=force)
 
   def has_data_item(self, step: int) -> bool:
     return (self.directory / str(step) / _DATA).exists()
