@@ -143,7 +143,8 @@ class Checkpointer:
     if data_state is not None:
       items[_DATA] = grain_ckpt.CheckpointSave(_DataSnapshot(data_state))
     self.directory.mkdir(parents=True, exist_ok=True)
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}),
+                       force=force)
 
   def has_data_item(self, step: int) -> bool:
     return (self.directory / str(step) / _DATA).exists()
