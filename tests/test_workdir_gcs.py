@@ -75,8 +75,12 @@ def test_workdir_path_stays_a_bucket_path():
   assert workdir_lib.is_local("runs/demo") and workdir_lib.path("runs/demo").is_absolute()
 
 
-def test_run_files_go_through_epath(bucket, caplog):
+def test_run_files_go_through_epath(bucket, caplog, monkeypatch):
   local, _ = bucket
+  # Without the gcs extra, tensorboardX cannot write gs:// (with it, it goes to GCS itself,
+  # past this mock: tests/test_gcs_runs.py runs that on a real GCS server).
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(record_writer, "GCS_ENABLED", False)
   config = tiny_config()
   config_lib.write_config(config, WORKDIR)
   assert (local / "config.json").exists()
