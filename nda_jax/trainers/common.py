@@ -23,7 +23,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, filename: str = METRICS_FILE,
-               tensorboard: str = "tensorboard"):
+               tensorboard: str = "tensorboard", start_step: int | None = None):
     self._active = jax.process_index() == 0
     self._path = workdir_lib.path(workdir) / filename
     self._tb = None
@@ -33,6 +33,8 @@ class MetricWriter:
     if self._active:
       self._path.parent.mkdir(parents=True, exist_ok=True)
       text = _complete_lines(self._path)
+      if start_step is not None:
+        text = _drop_records_after(self._path, text, start_step)
       if not workdir_lib.is_local(workdir):
         self._lines = [text] if text else []
       self._tb = _summary_writer(str(workdir_lib.path(workdir) / tensorboard))
@@ -55,6 +57,25 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_records_after(path, text: str, step: int) -> str:
+  """A run resumed from `step` (after a fallback, say) logs the later steps again:
+  their earlier records go, so every step appears once."""
+  kept = [line for line in text.splitlines(keepends=True) if _step_of(line) <= step]
+  if len(kept) < len(text.splitlines()):
+    logging.warning("%s: %d records past step %d, the step this run resumes from, dropped",
+                    path, len(text.splitlines()) - len(kept), step)
+    text = "".join(kept)
+    path.write_text(text)
+  return text
+
+
+def _step_of(line: str) -> float:
+  try:
+    return float(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return -1   # Not a record: kept for the readers, which name it.
 
 
 def _complete_lines(path) -> str:

@@ -219,7 +219,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     carry = dp.put_state((state, _new_guard()))
     step_fn = dp.step(guarded(method.make_step()), batch_axis=method.batch_axis)
     eval_fns = method.make_eval_fns(dp) if evaluators else {}
-    writer = common.MetricWriter(workdir)
+    writer = common.MetricWriter(workdir, start_step=step)
     progress = common.Progress(steps_total, method.examples_per_step, step)
     block = parallel.must_block_each_step()
     metrics: dict[str, float] = {}
