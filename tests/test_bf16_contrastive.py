@@ -5,13 +5,17 @@ gradients close to float32's.
 As tests/test_bf16.py does for the GAN, gradients are read off one plain-SGD step
 (no momentum, no weight decay): (params before - params after) / lr, from the same
 initial state and the same real images (digits; moving-digits clips for DPC).
-The tiny configs at width 16, seed 0. Tolerances, with the measured values (MoCo / DPC):
-loss within 2% relative (0.02% / 0.6%); the gradient of all weight tensors (rank >= 2)
-together with cosine similarity > 0.9 to float32's (0.952 / 0.938); each weight tensor's
-cosine > 0.85 (worst 0.905 / 0.900, the first blocks: bf16 rounding of activations adds
-up along the backward pass, and BN over 8-example groups amplifies it) and its norm
-within 25% (worst 16% / 14%). At width 4 the worst tensor was at 0.85 / 0.89: these
-figures describe bf16 at this scale, not a bound that holds for any model.
+The tiny configs at width 16, seed 0. The worst weight tensor moves a lot from
+batch to batch (bf16 rounding of activations adds up along the backward pass, and
+BN over 8-example groups amplifies it): on an AVX-512 Xeon this test's batch gave a
+worst norm error of 27% where another CPU gave 16%. So the per-tensor bounds are
+mean - 3 sd / mean + 3 sd of `bench/bf16_drift.py` over 10 batches (MoCo) and 6
+(DPC) on that Xeon: worst cosine mean 0.893 sd 0.040 (MoCo), 0.901 sd 0.021 (DPC)
+-> > 0.77; worst norm error mean 0.155 sd 0.089 (MoCo), 0.091 sd 0.034 (DPC) ->
+< 0.42. The cosine of all weight tensors together is the discriminating check:
+mean 0.950 sd 0.010 (MoCo), 0.937 sd 0.008 (DPC), min 0.926 -> > 0.9. The loss
+stays within 2% relative (0.02% / 0.6%). At width 4 the worst tensor was at 0.85 /
+0.89: these figures describe bf16 at this scale, not a bound for any model.
 """
 import jax
 import numpy as np
@@ -27,8 +31,8 @@ from test_bf16 import LR
 from test_bf16 import _gradients
 
 LOSS_RTOL = 2e-2
-MIN_COSINE = 0.85
-NORM_RTOL = 0.25
+MIN_COSINE = 0.77
+NORM_RTOL = 0.42
 MIN_GLOBAL_COSINE = 0.9
 WIDTH = 16   # The tiny variants' width 4 leaves single channels to BN over 8 examples.
 
@@ -43,15 +47,15 @@ def _config(module, dtype):
   return c
 
 
-def _moco_batch(c):
+def _moco_batch(c, n=None):
   images, _ = digits.load_digits("train", c.data.image_size)
-  return {"image": images[:c.train.batch_size]}
+  return {"image": images[:n or c.train.batch_size]}
 
 
-def _dpc_batch(c):
+def _dpc_batch(c, n=None):
   clips, _ = digits.load_moving_digits("train", c.data.num_frames, c.data.image_size,
                                        c.data.digit_size)
-  return {"image": clips[:c.train.batch_size]}
+  return {"image": clips[:n or c.train.batch_size]}
 
 
 CASES = {"moco": (demo_moco, _moco_batch), "dpc": (demo_video, _dpc_batch)}
