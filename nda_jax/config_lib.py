@@ -1,6 +1,7 @@
 """Config I/O: the resolved config a run writes to, and reads back from, its workdir."""
 from collections.abc import Iterable
 import difflib
+import fnmatch
 import json
 
 import ml_collections
@@ -8,6 +9,13 @@ import ml_collections
 from nda_jax import workdir as workdir_lib
 
 CONFIG_FILE = "config.json"
+HISTORY_DIR = "config_history"
+# Keys a resumed run may change without changing how its steps are computed:
+# how long it runs, how often it logs, evaluates, samples and saves, and on how
+# many devices (the step is device-count independent and resumes exactly).
+RESUMABLE_CHANGES = ("train.total_steps", "train.num_epochs", "train.log_every",
+                     "sample.every", "evals.*.every", "checkpoint.*", "max_devices",
+                     "parallel")
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -64,6 +72,65 @@ def _upgrade_gan_optim(config: ml_collections.ConfigDict) -> None:
     upgraded[part].b1, upgraded[part].b2 = optim_cfg.b1, optim_cfg.b2
     upgraded[part].eps = optim_cfg.eps
   config.optim = upgraded
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def training_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+                     ) -> list[tuple[str, object, object]]:
+  """(key, saved value, new value) for every key outside RESUMABLE_CHANGES in which
+  a resumed run's config differs from the one its checkpoints were trained with."""
+  old, new = (_leaves(json.loads(c.to_json_best_effort())) for c in (saved, config))
+  missing = object()
+  return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted({*old, *new})
+          if old.get(key, missing) != new.get(key, missing)
+          and not any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE_CHANGES)]
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: int,
+                        allow_change: bool) -> ml_collections.ConfigDict | None:
+  """The saved config to keep in config_history/ when `config` changes how a run
+  resumed from `step` trains (with `allow_change`); ValueError listing the changed
+  keys without it. None when nothing that matters changed."""
+  path = workdir_lib.path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None   # Nothing to compare with (checkpoints copied without it).
+  load_config(workdir)   # A clear error for a damaged file; compared as written:
+  saved = ml_collections.ConfigDict(json.loads(path.read_text()))
+  changes = training_changes(saved, config)
+  if not changes:
+    return None
+  if allow_change:
+    return saved
+  shown = "; ".join(f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in changes[:12])
+  more = f" (and {len(changes) - 12} more)" if len(changes) > 12 else ""
+  raise ValueError(
+      f"--workdir={workdir} holds a run trained to step {step} with another config: {shown}"
+      f"{more}. Resuming would train its next steps differently from its first, and "
+      f"config.json would no longer say how they were trained. Use a new --workdir, resume "
+      f"with the run's own config (only {', '.join(RESUMABLE_CHANGES)} may change), or pass "
+      f"--allow_config_change to go on with the new config (the old one is kept as "
+      f"{HISTORY_DIR}/step_{step}.json).")
+
+
+def _shown(value) -> str:
+  return "(absent)" if not isinstance(value, (str, int, float, bool, list, type(None))) \
+      else json.dumps(value)
+
+
+def write_history(saved: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Keeps the config the steps up to `step` were trained with."""
+  path = workdir_lib.path(workdir) / HISTORY_DIR / f"step_{step}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(saved.to_json_best_effort(indent=2))
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

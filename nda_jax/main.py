@@ -22,6 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (co
                                           lock_config=True)
 _PROG = "nda_jax"
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a run with a config that trains differently (batch size, NDA, seed, ...); the "
+    "old config is kept as config_history/step_<N>.json. Not saved in the config.")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -43,7 +47,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     logging.info("config:\n%s", config)
-    loop.train_and_evaluate(config, _WORKDIR.value)
+    loop.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except (ValueError, FileNotFoundError, ckpt_lib.DamagedCheckpointError,
           loop.NonFiniteError, workdir_lock.WorkdirInUseError) as e:
     cli.fail(_PROG, cli.describe_storage_error(e) or str(e))

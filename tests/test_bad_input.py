@@ -99,7 +99,10 @@ CASES = [
                                 "--config.data.num_classes=100", "--config.data.data_dir={N}"),
      "{N}"),
     ("wrong_num_classes", MAIN + ("--config.data.num_classes=3",), "has 10 classes"),
-    ("other_model_in_workdir", MAIN + ("--config.model.ch=8",), "holds another model than the config describes"),
+    ("config_changed_on_resume", MAIN + ("--config.nda.name=cutout",),
+     "with another config: nda.name: \"jigsaw\" -> \"cutout\""),
+    ("other_model_in_workdir", MAIN + ("--config.model.ch=8", "--allow_config_change"),
+     "holds another model than the config describes"),
     # Sampling.
     ("sample_negative_num", SAMPLE + ("--num=-5",), "--num=-5: must be a positive number"),
     ("sample_zero_batch", SAMPLE + ("--batch_size=0",), "--batch_size=0"),

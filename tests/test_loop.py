@@ -236,3 +236,43 @@ def test_a_missing_pipeline_file_is_damage_not_another_process_count(straight_ru
   assert (tmp_path / "checkpoints_damaged" / "4").is_dir()
   assert [r["step"] for r in common.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
   assert_same_state(straight_run, tmp_path, config())
+
+
+def _tree_bytes(root):
+  return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change", ["--config.train.batch_size=16", "--config.seed=1",
+                                    "--config.optim.lr=0.05"])
+def test_a_resume_that_trains_differently_is_refused(tmp_path, change):
+  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  assert rc == 0, out[-3000:]
+  before = _tree_bytes(tmp_path)
+  rc, out = _run_main(tmp_path, change)
+  key, value = change[len("--config."):].split("=")
+  assert rc == 1 and "Traceback" not in out, out[-3000:]
+  assert f"trained to step 2 with another config: {key}:" in out, out[-3000:]
+  assert "--allow_config_change" in out
+  assert _tree_bytes(tmp_path) == before    # config.json and every checkpoint unchanged.
+
+
+def test_allow_config_change_keeps_the_old_config(tmp_path):
+  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  assert rc == 0, out[-3000:]
+  first = json.loads((tmp_path / "config.json").read_text())
+  rc, out = _run_main(tmp_path, "--config.train.batch_size=16", "--allow_config_change")
+  assert rc == 0, out[-3000:]
+  assert json.loads((tmp_path / "config_history" / "step_2.json").read_text()) == first
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["train"]["batch_size"] == 16 and "allow_config_change" not in json.dumps(saved)
+  assert trainers.checkpointer(config(), str(tmp_path)).latest_step() == 6   # It resumed on.
+
+
+def test_running_longer_or_logging_differently_is_not_a_change(tmp_path):
+  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  assert rc == 0, out[-3000:]
+  rc, out = _run_main(tmp_path, "--config.train.total_steps=4", "--config.checkpoint.every=1",
+                      "--config.train.log_every=2")
+  assert rc == 0, out[-3000:]
+  assert not (tmp_path / "config_history").exists()
+  assert trainers.checkpointer(config(), str(tmp_path)).latest_step() == 4

@@ -154,21 +154,25 @@ def _lock(workdir: str):
   return lock
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Trains `config.trainer`'s method, resuming from `workdir`; returns the last metrics.
 
   Holds the workdir's lock throughout (`workdir_lock`): a second run on the
-  same workdir is refused (WorkdirInUseError) and changes nothing.
+  same workdir is refused (WorkdirInUseError) and changes nothing. A resume
+  whose config trains differently from the run's is refused (ValueError)
+  unless `allow_config_change`; then the old config goes to config_history/.
   """
   lock = _lock(workdir)
   try:
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, allow_config_change)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        allow_config_change: bool) -> dict[str, float]:
   """Trains `config.trainer`'s method, resuming from `workdir`; returns the last metrics.
 
   `workdir/config.json` is written only once every check passed and the
@@ -195,6 +199,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                      f"config.train.num_epochs to a positive number")
 
   checkpointer = trainers.checkpointer(config, workdir)
+  resumed_from = checkpointer.latest_step()
+  previous_config = None
+  if resumed_from:   # Step 0 holds imported weights: no step was trained yet.
+    try:
+      previous_config = config_lib.check_resume_config(config, workdir, resumed_from,
+                                                       allow_config_change)
+    except ValueError:
+      data_iter.close()
+      checkpointer.close()
+      raise
   signals = ckpt_lib.StopSignals()
   stopper = parallel.StopAgreement()
   writer = None
@@ -214,6 +228,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         logging.warning("checkpoint %d was saved by a different number of processes: the "
                         "input pipeline cannot continue where it was and starts anew", start)
     if jax.process_index() == 0:   # Every check passed and the checkpoint fits: now write.
+      if previous_config is not None:
+        config_lib.write_history(previous_config, workdir, resumed_from)
       config_lib.write_config(config, workdir)
     step = int(jax.device_get(state.step))
     carry = dp.put_state((state, _new_guard()))
