@@ -146,9 +146,6 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}),
                        force=force)
 
-  def has_data_item(self, step: int) -> bool:
-    return (self.directory / str(step) / _DATA).exists()
-
   def restore(self, step: int, abstract_state: PyTree,
               data_iterator: Any = None) -> tuple[PyTree, str]:
     """Restores into `abstract_state` (ShapeDtypeStructs with shardings).
@@ -254,13 +251,6 @@ class Checkpointer:
     self._manager.reload()
 
   # ------------------------------------------------------------------ lifecycle
-  def reached_preemption(self, step: int) -> bool:
-    """True on every process once any was told to stop (Orbax's multi-host agreement)."""
-    return self._manager.reached_preemption(step)
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

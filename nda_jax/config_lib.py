@@ -37,11 +37,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to its workdir (for eval, sampling, importers).
-
-  A config written by an older version is brought up to date: evaluator
-  sections take their current shape, and missing declared keys their defaults.
-  """
+  """The resolved config a run wrote to its workdir (for eval, sampling, importers)."""
   path = workdir_lib.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of a run")
@@ -51,27 +47,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{path} is not a readable config ({type(e).__name__}: {e}): the file is "
                      f"truncated or was edited by hand; restore it from a copy, or write it "
                      f"again by resuming the run with its --config") from None
-  if "trainer" in config and "dtype" not in config:
-    config.dtype = "float32"    # Runs from before config.dtype computed in float32.
-  _upgrade_gan_optim(config)
-  from nda_jax import evaluators  # pylint: disable=g-import-not-at-top  (heavy)
-  evaluators.upgrade_legacy(config)
   return config
-
-
-def _upgrade_gan_optim(config: ml_collections.ConfigDict) -> None:
-  """GAN configs before per-part optimizer sections had optim.{g_lr, d_lr, b1, b2, eps}."""
-  optim_cfg = config.get("optim")
-  if optim_cfg is None or "g_lr" not in optim_cfg:
-    return
-  from nda_jax import optim  # pylint: disable=g-import-not-at-top
-  upgraded = ml_collections.ConfigDict()
-  for part in ("g", "d"):
-    upgraded[part] = optim.default_config("adam")
-    upgraded[part].lr = optim_cfg[f"{part}_lr"]
-    upgraded[part].b1, upgraded[part].b2 = optim_cfg.b1, optim_cfg.b2
-    upgraded[part].eps = optim_cfg.eps
-  config.optim = upgraded
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -100,11 +76,9 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: i
   """The saved config to keep in config_history/ when `config` changes how a run
   resumed from `step` trains (with `allow_change`); ValueError listing the changed
   keys without it. None when nothing that matters changed."""
-  path = workdir_lib.path(workdir) / CONFIG_FILE
-  if not path.exists():
+  if not (workdir_lib.path(workdir) / CONFIG_FILE).exists():
     return None   # Nothing to compare with (checkpoints copied without it).
-  load_config(workdir)   # A clear error for a damaged file; compared as written:
-  saved = ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = load_config(workdir)
   changes = training_changes(saved, config)
   if not changes:
     return None

@@ -14,7 +14,6 @@ def test_best_survives_keep_n_and_reopen(tmp_path):
                              best_mode="min", async_save=False)
   for i, m in enumerate(_METRICS, start=1):
     ck.save(i, {"w": np.full(3, i, np.float32)}, metrics={"m": m})
-  ck.wait()
   # Independent reference: the latest step among the minimal finite values.
   finite = [(m, i) for i, m in enumerate(_METRICS, start=1) if math.isfinite(m)]
   best = max(i for m, i in finite if m == min(v for v, _ in finite))

@@ -455,35 +455,3 @@ def test_registry_takes_a_new_type_with_no_other_change(monkeypatch):
   with pytest.raises(ValueError, match=r"config.evals.f.scal is not a setting of a 'fake' "
                      r"evaluator \(did you mean 'scale'\?\)"):
     evaluators.validate(ml_collections.ConfigDict({"f": {"type": "fake", "scal": 2.0}}))
-
-
-def test_upgrade_legacy_eval_section():
-  config = ml_collections.ConfigDict({"eval": {
-      "metrics": ["fid", "fd_digits", "is", "anomaly"], "every": 500, "num_samples": 50,
-      "sample_batch_size": 16, "inception_weights": "/w.pth", "ref_stats": None, "ref_num": None,
-      "sample_chunk": 10, "anomaly": {"synthetic": ["uniform_noise"], "max_examples": 64,
-                                      "ndas": [{"name": "jigsaw"}]}}})
-  evaluators.upgrade_legacy(config)
-  assert "eval" not in config and set(config.evals) == {"fid", "fd_digits", "anomaly"}
-  fid_cfg, digits_cfg, anomaly_cfg = (config.evals[k] for k in ("fid", "fd_digits", "anomaly"))
-  assert fid_cfg.metrics == ("fid", "is") and digits_cfg.metrics == ("fd_digits",)
-  defaults = evaluators.default_config("sample_quality")
-  for entry in (fid_cfg, digits_cfg):
-    assert set(entry) == set(defaults)
-    assert (entry.every, entry.num_samples, entry.sample_batch_size) == (500, 50, 16)
-    assert entry.inception_weights == "/w.pth"
-    assert entry.ref_num == defaults.ref_num and entry.kid_subsets == defaults.kid_subsets
-  assert set(anomaly_cfg) == set(evaluators.default_config("anomaly"))
-  assert (anomaly_cfg.every, anomaly_cfg.max_examples) == (500, 64)
-  assert anomaly_cfg.synthetic == ("uniform_noise",) and anomaly_cfg.ndas == ({"name": "jigsaw"},)
-  # New-style configs only gain missing declared keys; a second call changes nothing.
-  partial = ml_collections.ConfigDict({"evals": {"x": {"type": "sample_quality",
-                                                       "num_samples": 7}}})
-  evaluators.upgrade_legacy(partial)
-  assert partial.evals.x.num_samples == 7 and set(partial.evals.x) == set(defaults)
-  before = partial.to_dict()
-  evaluators.upgrade_legacy(partial)
-  assert partial.to_dict() == before
-  no_metrics = ml_collections.ConfigDict({"eval": {"metrics": [], "every": 5}})
-  evaluators.upgrade_legacy(no_metrics)
-  assert no_metrics.evals.to_dict() == {}

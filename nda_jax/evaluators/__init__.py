@@ -23,7 +23,6 @@ import difflib
 import importlib
 from typing import Any
 
-from absl import logging
 import jax
 import ml_collections
 
@@ -101,66 +100,3 @@ def build(evals_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigD
                        f"configured: {sorted(evals)}")
   return {name: get_class(evals[name].type)(evals[name], data_cfg, workdir=workdir, mesh=mesh)
           for name in names}
-
-
-# ------------------------------------------------------------------ configs of older runs
-# Keys of the old `eval` section that are no evaluator setting: read into the new
-# shape (metrics, every, anomaly) or superseded (sample_chunk: sample_batch_size).
-_LEGACY_SECTION_KEYS = ("metrics", "every", "anomaly", "sample_chunk")
-
-
-def _fill(entry: ml_collections.ConfigDict, legacy: Mapping[str, Any]) -> None:
-  """Declared legacy values into `entry`; None ('unset' then) keeps a non-None default."""
-  for key, value in legacy.items():
-    if key in entry and (value is not None or entry[key] is None):
-      entry[key] = value
-
-
-def _warn_dropped(legacy: Mapping[str, Any], declared: Iterable[str], where: str) -> None:
-  for key in sorted(set(legacy) - set(declared)):
-    logging.warning("config.json: %s.%s is not an evaluator setting (it had no effect then "
-                    "either); dropped", where, key)
-
-
-def upgrade_legacy(config: ml_collections.ConfigDict) -> None:
-  """Brings a loaded run config's evaluators up to date, in place.
-
-  A config.json written before `config.evals` has one `eval` section
-  (metrics, every, num_samples, sample_batch_size, inception_weights,
-  ref_stats, ..., and `anomaly`); it becomes one `sample_quality` entry per
-  feature network, named after its first metric ('fid', 'fd_digits'), and an
-  `anomaly` entry. Every entry then gets the declared keys it lacks, at
-  their defaults (configs written before a key was declared).
-  """
-  if "eval" in config:
-    if "evals" in config:
-      raise ValueError("the config has both `eval` (before config.evals) and `evals`")
-    from nda_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
-    legacy = config.eval
-    names = tuple(legacy.get("metrics") or ())
-    unknown = sorted(set(names) - set(fid.METRICS) - {"anomaly"})
-    if unknown:
-      raise ValueError(f"config.json: eval.metrics has unknown metric(s) {unknown}")
-    groups: dict[str, list[str]] = {}
-    for name in names:
-      if name != "anomaly":
-        groups.setdefault(fid.METRICS[name][0], []).append(name)
-    every = legacy.get("every") or 0
-    anomaly_legacy = legacy.get("anomaly") or {}
-    _warn_dropped(legacy, [*default_config("sample_quality"), *_LEGACY_SECTION_KEYS], "eval")
-    _warn_dropped(anomaly_legacy, default_config("anomaly"), "eval.anomaly")
-    evals = ml_collections.ConfigDict()
-    for group in groups.values():
-      entry = default_config("sample_quality")
-      _fill(entry, {k: v for k, v in legacy.items() if k not in _LEGACY_SECTION_KEYS})
-      entry.metrics, entry.every = tuple(group), every
-      evals[group[0]] = entry
-    if "anomaly" in names:
-      entry = default_config("anomaly")
-      _fill(entry, anomaly_legacy)
-      entry.every = every
-      evals.anomaly = entry
-    del config["eval"]
-    config.evals = evals
-  if "evals" in config:
-    config.evals = with_defaults(config.evals)
