@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class GanLoss(NamedTuple):
@@ -90,12 +91,6 @@ def _weighted(nda_logits: jax.Array, nda_weight: float) -> jax.Array:
   return nda_logits + jnp.log(jnp.float32(nda_weight))
 
 
-def _cross_entropy(logits: jax.Array, positive: jax.Array) -> jax.Array:
-  """Per-row softmax cross-entropy of `logits` [n, L] with the integer labels `positive` [n]."""
-  pos = jnp.take_along_axis(logits, positive[:, None], axis=-1)[:, 0]
-  return jax.nn.logsumexp(logits, axis=-1) - pos
-
-
 def moco_infonce(q: jax.Array, k: jax.Array, queue: jax.Array, nda_k: jax.Array | None, *,
                  temperature: float, nda_scope: str = "own", nda_weight: float = 1.0
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -142,7 +137,8 @@ def moco_infonce(q: jax.Array, k: jax.Array, queue: jax.Array, nda_k: jax.Array 
     if nda_weight != 0:
       logits.append(_weighted(nda_sim / temperature, nda_weight))
   logits = jnp.concatenate(logits, axis=-1)
-  loss = jnp.mean(_cross_entropy(logits, jnp.zeros(q.shape[0], jnp.int32)))
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.zeros(q.shape[0], jnp.int32)))
   return loss, {
       "loss": loss,
       "top1": jnp.mean((jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)),
@@ -223,6 +219,6 @@ def dpc_dense_loss(pred: jax.Array, target: jax.Array, *, nda: jax.Array | None 
       logits.append(_weighted(nda_scores, nda_weight))
   logits = jnp.concatenate(logits, axis=-1).reshape(b * blocks, -1)
   positive = positive.reshape(-1)
-  loss = jnp.mean(_cross_entropy(logits, positive))
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive))
   top1 = jnp.mean((jnp.argmax(logits, axis=-1) == positive).astype(jnp.float32))
   return loss, {"loss": loss, "top1": top1, **metrics}

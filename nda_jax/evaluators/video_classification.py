@@ -32,18 +32,12 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from scipy import special
 
 from nda_jax.data import pipeline
 
 ClassifyFn = Callable[[np.ndarray], jax.Array | np.ndarray]
 _SUBSET_SEED = 0
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-  """Row-wise softmax in float64 (host side, numerically stable)."""
-  z = np.asarray(logits, np.float64)
-  z = np.exp(z - z.max(axis=-1, keepdims=True))
-  return z / z.sum(axis=-1, keepdims=True)
 
 
 class VideoAccuracy:
@@ -84,7 +78,7 @@ class VideoAccuracy:
       bad = int(videos[np.argmax((known >= 0) & (known != labels))])
       raise ValueError(f"the clips of video {bad} have different labels")
     self._labels[videos] = labels
-    np.add.at(self._prob_sums, videos, softmax(logits))
+    np.add.at(self._prob_sums, videos, special.softmax(np.asarray(logits, np.float64), axis=-1))
     np.add.at(self._counts, videos, 1)
 
   def result(self) -> tuple[float, float, int]:
