@@ -372,3 +372,45 @@ def linear_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = "val_top1"
   c.checkpoint.best_mode = "max"
   return c
+
+
+def moco_cifar_config(name: str, num_classes: int) -> ml_collections.ConfigDict:
+  """MoCo's CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb) with NDA negatives.
+
+  ResNet-18 with the CIFAR stem, K=4,096, m=0.99, t=0.1, SGD lr 0.06 at batch
+  512 (cosine), momentum 0.9, weight decay 5e-4, 200 epochs, BN in 8 groups of
+  64 (its SplitBatchNorm, --bn-splits 8), its views (RandomResizedCrop(32) at
+  torchvision's default scale, flip, colour jitter, grayscale; no blur) and its
+  kNN monitor (k=200, t=0.1, train split as the bank, test split as queries).
+  """
+  c = moco_config()
+  c.data = data_config(name, image_size=32, num_classes=num_classes)
+  c.model.arch = "resnet18"
+  c.model.stem = "cifar"
+  c.model.width = 64
+  c.model.head_dim = 128                # --moco-dim
+  c.model.bn_group_size = 64            # 512 / --bn-splits 8
+  c.moco.queue_size = 4096
+  c.moco.momentum = 0.99
+  c.moco.temperature = 0.1
+  c.aug.crop_size = 32
+  c.aug.scale = (0.08, 1.0)             # RandomResizedCrop(32)'s default
+  c.aug.p_blur = 0.0
+  c.optim.encoder.lr = 0.06             # 0.06 at batch 512
+  c.optim.encoder.weight_decay = 5e-4
+  c.train.batch_size = 512
+  c.train.num_epochs = 200
+  c.evals.knn.every = 97                # one epoch: 50,000 // 512 steps (drop_last)
+  c.evals.knn.max_train = 0             # the whole train split as the bank
+  c.evals.knn.eval_split = "test"
+  c.checkpoint.every = 97
+  return c
+
+
+def apply_moco_cifar_variants(c: ml_collections.ConfigDict, variants: set[str]) -> None:
+  """`v2`: MoCo-v2's aug+ (main_moco.py --aug-plus); `baseline`: plain MoCo, no NDA negatives."""
+  if "v2" in variants:
+    c.aug.scale = (0.2, 1.0)
+    c.aug.p_blur = 0.5
+  if "baseline" in variants:
+    c.nda.enabled = False

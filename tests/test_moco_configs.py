@@ -1,0 +1,190 @@
+"""The MoCo CIFAR configs against MoCo's CIFAR-10 demo, and through the trainer's checks.
+
+RECIPE is read off facebookresearch/moco colab/moco_cifar10_demo.ipynb: its
+argparse defaults (lr 0.06, 200 epochs, batch 512, wd 5e-4, moco-dim 128,
+K 4096, m 0.99, t 0.1, bn-splits 8, knn-k 200, knn-t 0.1), `args.cos = True`
+(the 82.6% row: 200 epochs, asymmetric loss), its SGD (momentum 0.9), its ResNet-18 (conv1 3x3 stride 1, no
+max-pool) and its train transform (RandomResizedCrop(32), flip 0.5,
+ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, no blur).
+"""
+import math
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar100_moco
+from configs import cifar10_moco
+from configs import demo_moco
+from configs import imagenet_moco
+from nda_jax import optim
+from nda_jax import trainers
+from nda_jax.data import sources
+from nda_jax.trainers import loop
+
+CIFAR_TRAIN = 50_000           # both CIFAR-10 and CIFAR-100
+RECIPE = {
+    "trainer": "moco",
+    "data.image_size": 32,
+    "data.channels": 3,
+    "data.train_split": "train",
+    "data.eval_split": "test",
+    "model.arch": "resnet18",
+    "model.stem": "cifar",
+    "model.width": 64,
+    "model.head_dim": 128,
+    "model.bn_group_size": 512 // 8,
+    "moco.queue_size": 4096,
+    "moco.momentum": 0.99,
+    "moco.temperature": 0.1,
+    "optim.encoder.kind": "sgd",
+    "optim.encoder.lr": 0.06,
+    "optim.encoder.momentum": 0.9,
+    "optim.encoder.nesterov": False,
+    "optim.encoder.weight_decay": 5e-4,
+    "optim.encoder.decoupled_wd": False,
+    "optim.encoder.schedule": "cosine",
+    "optim.encoder.warmup_epochs": 0.0,
+    "train.batch_size": 512,
+    "train.num_epochs": 200,
+    "train.total_steps": 0,
+    "aug.crop_size": 32,
+    "aug.scale": (0.08, 1.0),
+    "aug.ratio": None,          # not a key: the trainer's default (3/4, 4/3) is torchvision's
+    "aug.jitter": (0.4, 0.4, 0.4, 0.1),
+    "aug.p_jitter": 0.8,
+    "aug.p_gray": 0.2,
+    "aug.p_blur": 0.0,
+    "aug.p_flip": 0.5,
+    "evals.knn.type": "knn",
+    "evals.knn.k": 200,
+    "evals.knn.temperature": 0.1,
+    "evals.knn.max_train": 0,
+    "evals.knn.max_eval": 0,
+    "evals.knn.eval_split": "test",
+}
+MODULES = {"cifar10": (cifar10_moco, 10), "cifar100": (cifar100_moco, 100)}
+VARIANTS = (None, "v2", "baseline", "v2,baseline")
+
+
+def flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return out
+
+
+def diff(a, b):
+  fa, fb = flat(a), flat(b)
+  return {k for k in fa.keys() | fb.keys() if fa.get(k, "absent") != fb.get(k, "absent")}
+
+
+@pytest.mark.parametrize("dataset", MODULES)
+def test_default_is_the_demo_recipe(dataset):
+  module, num_classes = MODULES[dataset]
+  c = flat(module.get_config())
+  for key, want in RECIPE.items():
+    if want is None:
+      assert key not in c, key
+    else:
+      assert c[key] == want, (key, c[key], want)
+  assert c["data.name"] == dataset and c["data.num_classes"] == num_classes
+
+
+def test_nda_negatives_are_the_papers_as_the_other_moco_configs():
+  nda = cifar10_moco.get_config().nda
+  assert nda.enabled
+  assert flat(nda) == flat(imagenet_moco.get_config().nda) == flat(demo_moco.get_config().nda)
+
+
+def test_variants_differ_only_where_they_should():
+  base = cifar10_moco.get_config()
+  assert diff(base, cifar10_moco.get_config("baseline")) == {"nda.enabled"}
+  assert not cifar10_moco.get_config("baseline").nda.enabled
+  v2 = cifar10_moco.get_config("v2")
+  assert diff(base, v2) == {"aug.scale", "aug.p_blur"}
+  # MoCo-v2's aug+ (main_moco.py --aug-plus), as configs/imagenet_moco.py has it, at 32 px.
+  aug_plus = flat(imagenet_moco.get_config().aug)
+  aug_plus["crop_size"] = 32
+  assert flat(v2.aug) == aug_plus
+  assert flat(v2.aug)["scale"] == (0.2, 1.0) and v2.aug.p_blur == 0.5
+  assert flat(v2.aug)["blur_sigma"] == (0.1, 2.0)
+  assert diff(base, cifar10_moco.get_config("v2,baseline")) == {"aug.scale", "aug.p_blur",
+                                                               "nda.enabled"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cifar100_is_the_same_recipe(variant):
+  assert diff(cifar10_moco.get_config(variant), cifar100_moco.get_config(variant)) == {
+      "data.name", "data.num_classes"}
+
+
+@pytest.mark.parametrize("module", [cifar10_moco, cifar100_moco])
+def test_unknown_variant_is_refused_by_name(module):
+  with pytest.raises(ValueError, match=r"\['v3'\].*\['baseline', 'v2'\]"):
+    module.get_config("v3")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dataset", MODULES)
+def test_passes_the_trainers_checks(dataset, variant):
+  c = MODULES[dataset][0].get_config(variant)
+  dp = loop.check_config(c)            # What main runs before touching the workdir (8 CPU devices).
+  assert dp.num_devices == len(jax.devices())
+  trainers.get_method(c, CIFAR_TRAIN).validate(1)
+
+
+def test_schedule_is_cosine_over_200_epochs_and_knn_every_epoch():
+  c = cifar10_moco.get_config()
+  method = trainers.get_method(c, CIFAR_TRAIN)
+  assert method.steps_per_epoch == CIFAR_TRAIN // 512 == 97      # drop_last, as the demo's loader
+  assert method.total_steps == 200 * 97
+  assert c.evals.knn.every == c.checkpoint.every == method.steps_per_epoch
+  lr = optim.learning_rate_schedule(c.optim.encoder, steps_per_epoch=97, total_steps=19400)
+  steps = np.array([0, 97, 9700, 19399])
+  want = 0.06 * 0.5 * (1 + np.cos(np.pi * steps / 19400))        # the demo's --cos, per step
+  np.testing.assert_allclose(np.asarray(lr(steps)), want, rtol=1e-6, atol=1e-9)
+  assert math.isclose(float(lr(9700)), 0.03, rel_tol=1e-6)
+
+
+def _write_cifar(root, dataset, n=6):
+  """A stand-in in the official python-version layout (CIFAR cannot be downloaded here)."""
+  rng = np.random.default_rng(0)
+  if dataset == "cifar10":
+    folder, files, labels = root / "cifar-10-batches-py", (
+        *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"), {b"labels": 10}
+  else:
+    folder, files, labels = root / "cifar-100-python", ("train", "test"), {
+        b"fine_labels": 100, b"coarse_labels": 20}
+  folder.mkdir()
+  for name in files:
+    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+    batch.update({k: [int(x) for x in rng.integers(0, m, n)] for k, m in labels.items()})
+    with open(folder / name, "wb") as f:
+      pickle.dump(batch, f, protocol=2)
+
+
+@pytest.mark.parametrize("dataset", MODULES)
+def test_data_section_reads_cifar_and_state_has_the_recipes_shapes(dataset, tmp_path):
+  c = MODULES[dataset][0].get_config()
+  _write_cifar(tmp_path, dataset)
+  c.data.data_dir = str(tmp_path)
+  for split in (c.data.train_split, c.data.eval_split):
+    source = sources.make_source(c.data, split)
+    example = source[0]
+    assert example["image"].shape == (c.aug.crop_size, c.aug.crop_size, c.data.channels)
+    assert source.num_classes == c.data.num_classes
+  method = trainers.get_method(c, CIFAR_TRAIN)
+  state = jax.eval_shape(method.init_state, jax.random.PRNGKey(0))
+  assert state.queue.shape == (4096, 128)
+  backbone, head = state.params["backbone"], state.params["head"]
+  stem = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(backbone)
+          if len(leaf.shape) == 4 and leaf.shape[2] == 3]
+  assert stem == [(3, 3, 3, 64)]                                  # the CIFAR stem's 3x3 conv
+  # The trainer's head is MoCo-v2's MLP (512-512-128), not the demo's linear 512 -> 128.
+  assert head["hidden"]["kernel"].shape == (512, 512)
+  assert head["output"]["kernel"].shape == (512, 128)
