@@ -1,34 +1,51 @@
 """Runs on a bucket, for real: `nda_jax.main` (tests/toy_main.py, the toy method)
 as subprocesses with --workdir=gs://... on the fake-gcs-server of
-tests/gcs_server.py. One uninterrupted run is shared as the reference."""
+tests/gcs_server.py. One uninterrupted run is shared as the reference, one
+with a kNN metric and keep-best for `best`, eval and the workdir lock."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 from etils import epath
+import jax
 import pytest
 
 from nda_jax import checkpoint as ckpt_lib
+from nda_jax import eval as eval_lib
+from nda_jax import trainers
+from nda_jax import workdir_lock
 from nda_jax.trainers import common
+
+trainers.REGISTRY["toy"] = "toy_method:Toy"
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 FLAGS = ["--config.train.total_steps=12", "--config.checkpoint.every=2"]
 
 
-def _main(workdir, *flags, wait_for=None, send=None, timeout=240):
+def _start(workdir, *flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, os.path.join(TESTS, "toy_main.py"), f"--workdir={workdir}",
          *FLAGS, *flags]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, cwd=REPO)
+
+
+def _main(workdir, *flags, wait_for=None, send=None, timeout=240, proc=None):
+  """Runs main to its end (rc, output); with `wait_for`, `send` goes to it once that step
+  is logged (None: returns the still running process and the lines read instead)."""
+  proc = proc or _start(workdir, *flags)
   lines = []
   try:
     if wait_for is not None:
       for line in proc.stdout:
         lines.append(line)
         if f"step {wait_for}/" in line:
+          if send is None:
+            return proc, "".join(lines)
           proc.send_signal(send)
           break
     out, _ = proc.communicate(timeout=timeout)
@@ -36,6 +53,14 @@ def _main(workdir, *flags, wait_for=None, send=None, timeout=240):
     proc.kill()
     raise
   return proc.returncode, "".join(lines) + out
+
+
+def _objects(workdir):
+  """{object name: (generation, md5)} of every object under `workdir`."""
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  bucket, _, prefix = workdir[5:].partition("/")
+  return {b.name: (b.generation, b.md5_hash)
+          for b in storage.Client().list_blobs(bucket, prefix=prefix + "/")}
 
 
 def _losses(workdir):
@@ -79,3 +104,105 @@ def test_damaged_checkpoint_falls_back_on_bucket(gcs_bucket, straight):
   assert "resumed from step 6" in out, out[-3000:]
   final = _losses(workdir)
   assert final[12] == _losses(straight)[12]
+
+
+KNN = [f"--config={os.path.join(TESTS, 'toy_method.py')}:knn", "--config.checkpoint.keep=1",
+       "--config.checkpoint.keep_best=1", "--config.checkpoint.best_metric=knn_top1",
+       "--config.checkpoint.best_mode=min"]
+
+
+@pytest.fixture(scope="module")
+def best_run(gcs_bucket):
+  """keep=1, keep_best=1 by the lowest kNN top-1: accuracy rises as the toy trains, so the
+  best is an early step that survives only if keep-best really keeps it."""
+  workdir = f"{gcs_bucket}/runs/best"
+  rc, out = _main(workdir, *KNN)
+  assert rc == 0, out[-3000:]
+  scores = {r["step"]: r["knn_top1"] for r in common.read_metrics(workdir) if "knn_top1" in r}
+  assert sorted(scores) == list(range(2, 13, 2)), scores
+  best = min(scores, key=lambda s: (scores[s], -s))     # Ties: the later step.
+  assert best < 12, scores   # The test's premise: the best is not the latest.
+  return workdir, best, scores
+
+
+def test_best_checkpoint_kept_and_loaded_from_bucket(best_run):
+  workdir, best, _ = best_run
+  steps = sorted(int(p.name) for p in (epath.Path(workdir) / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == sorted({best, 12})
+  _, _, state = trainers.load_run(workdir, "best")
+  assert int(jax.device_get(state.step)) == best
+  _, _, state = trainers.load_run(workdir)
+  assert int(jax.device_get(state.step)) == 12
+
+
+def test_eval_on_bucket_writes_its_own_records(best_run):
+  """nda_jax.eval of the best step (a process of its own) reproduces the kNN top-1 training
+  logged at that step; its records go to eval_metrics.jsonl; no object of the run changes."""
+  workdir, best, scores = best_run
+  before = _objects(workdir)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, os.path.join(TESTS, "toy_eval.py"),
+                         f"--workdir={workdir}", "--checkpoint=best"], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=240)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert f"checkpoint best (step {best})" in out, out[-3000:]
+  after = _objects(workdir)
+  assert {k: v for k, v in after.items() if k in before} == before
+  prefix = workdir[5:].partition("/")[2] + "/"
+  added = sorted(k[len(prefix):] for k in set(after) - set(before))
+  assert added[:2] == ["eval.json", eval_lib.METRICS_FILE], added
+  assert all(k.startswith(eval_lib.TENSORBOARD_DIR + "/") for k in added[2:]) and added[2:]
+  records = common.read_metrics(workdir, eval_lib.METRICS_FILE)
+  assert [r["step"] for r in records] == [best]
+  assert records[0]["eval/knn_top1"] == pytest.approx(scores[best], abs=1e-6)
+  assert json.loads((epath.Path(workdir) / "eval.json").read_text())["step"] == best
+
+
+def test_bucket_lock_refuses_a_second_run_and_a_dead_runs_lock_is_taken_over(gcs_bucket):
+  """A live run (frozen by SIGSTOP so its objects hold still) holds the bucket lock: a
+  second main is refused naming it and changes no object. Killed, its lock stays and is
+  still refused (its heartbeat is recent); past the takeover time (small here, by the
+  bucket's clock) it is taken over, and the new holder's heartbeat keeps it.
+
+  The server honours ifGenerationMatch on uploads (create-if-absent, takeover, heartbeat)
+  but not on deletes (tests/test_gcs_server.py): a release by a run whose lock was taken
+  over would delete the new holder's lock here, so that case is not tested on this server."""
+  workdir = f"{gcs_bucket}/runs/lock"
+  lock_name = workdir[5:].partition("/")[2] + "/" + workdir_lock.LOCK_FILE
+  first, log = _main(workdir, "--config.train.total_steps=400", wait_for=3)
+  first.send_signal(signal.SIGSTOP)
+  try:
+    time.sleep(1.0)
+    before = _objects(workdir)
+    assert lock_name in before
+    rc, out = _main(workdir, "--config.train.total_steps=400")
+    after = _objects(workdir)
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+  assert rc == 1 and "Traceback" not in out, out[-3000:]
+  message = [line for line in out.splitlines() if ": error: " in line]
+  assert len(message) == 1, out[-3000:]
+  assert "is in use by another run" in message[0]
+  assert f"pid {first.pid}, started " in message[0]
+  assert after == before
+
+  lock = epath.Path(workdir) / workdir_lock.LOCK_FILE
+  assert json.loads(lock.read_text())["pid"] == first.pid       # Outlives its process.
+  with pytest.raises(workdir_lock.WorkdirInUseError, match=f"pid {first.pid},"):
+    workdir_lock._BucketLock(workdir)                            # Not yet silent for long.
+  time.sleep(2.0)
+  taken = workdir_lock._BucketLock(workdir, heartbeat_s=0.25, takeover_s=1.0)
+  try:
+    record = json.loads(lock.read_text())
+    assert record["pid"] == os.getpid() and record["pid"] != first.pid
+    assert _objects(workdir)[lock_name][0] != before[lock_name][0]   # A new generation.
+    time.sleep(2.0)
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=f"pid {os.getpid()},"):
+      workdir_lock._BucketLock(workdir, takeover_s=1.0)   # Its heartbeat keeps it fresh.
+    assert not taken.lost
+  finally:
+    taken.release()
+  assert not lock.exists()

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nda_jax import evaluators
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax.trainers import method as method_lib
@@ -64,8 +65,8 @@ class Toy(method_lib.Method):
 
 
 def get_config(arg=None):
-  """The toy run: 8x8 digits, batch 32, plain SGD."""
-  del arg
+  """The toy run: 8x8 digits, batch 32, plain SGD; `arg='knn'` adds a kNN evaluator
+  (every 2 steps, k=5), so that a run on the command line has a metric to keep the best by."""
   c = ml_collections.ConfigDict()
   c.trainer = "toy"
   c.seed = 0
@@ -82,4 +83,7 @@ def get_config(arg=None):
   c.checkpoint = ml_collections.ConfigDict(dict(every=2, keep=5, keep_best=0, best_metric="",
                                                 best_mode="min", async_save=False))
   c.evals = ml_collections.ConfigDict()
+  if arg == "knn":
+    c.evals.knn = evaluators.default_config("knn")
+    c.evals.knn.update(every=2, k=5)
   return c
