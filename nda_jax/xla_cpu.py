@@ -1,6 +1,6 @@
 """XLA:CPU runs convolutions with its own kernels, not YNNPACK's.
 
-jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and on x86
+XLA:CPU of jaxlib 0.10 and 0.12 hands convolutions to YNNPACK by default, and on x86
 CPUs without AVX-512 those run 2-3x slower than XLA's own kernels for the
 forward pass and input gradient, and far slower for the weight gradient.
 `bench/conv_grad.py` measures both settings (README, "Measured", has figures).
@@ -19,8 +19,8 @@ import jaxlib
 from jax._src import xla_bridge
 
 # XLA aborts the process on a flag it does not know, so the flag is only set for
-# the jaxlib releases it was checked on (setup.py pins the same range).
-VERIFIED_JAXLIB = "0.10."
+# the jaxlib releases it was checked on (0.11 was not).
+VERIFIED_JAXLIB = ("0.10.", "0.12.")
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 # YNNPACK keeps single dots (XLA's own default list before convolutions joined it);
 # no fusion with a convolution in it is handed to YNNPACK.
