@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "jax>=0.10.2,<0.11",
+    "jax>=0.10.2,<0.13",
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
