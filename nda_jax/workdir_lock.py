@@ -19,6 +19,7 @@ to a dead run and is taken over, again under a generation precondition.
 Both record the holder: host, pid, start time (UTC).
 """
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -32,6 +33,7 @@ from absl import logging
 
 from nda_jax import workdir as workdir_lib
 
+_STORAGE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 60
 TAKEOVER_S = 600     # Ten missed heartbeats: the holder is dead, not slow.
@@ -96,6 +98,8 @@ class _LocalLock:
           break
         os.close(fd)   # Its holder released and unlinked it meanwhile: lock the new file.
     except OSError as e:
+      if e.errno in _STORAGE_ERRORS:
+        raise   # The CLIs' storage-error paragraph names the file.
       raise ValueError(f"--workdir={workdir}: cannot create its lock file {self._path} "
                        f"({e.strerror}); a run needs a workdir it can write") from None
     self._fd = fd

@@ -152,7 +152,7 @@ CASES = [
      "the disk is full (No space left on device)"),
     ("read_only_run", _faulty("EROFS", "{W}") + MAIN, "the file system is read-only"),
     ("read_only_finished_run", _faulty("EROFS", "{F}") + MAIN[:2] + ("--workdir={F}",),
-     "cannot write {F}/config.json"),
+     "cannot write {F}/lock.json: the file system is read-only"),   # The lock is taken first.
     ("read_only_sample_out", _faulty("EROFS", "{T}") + SAMPLE, "cannot write {T}/s.png"),
     ("config_syntax_error", ("nda_jax.main", "--config={SYN}", "--workdir={T}/run"),
      "SyntaxError: invalid syntax ({SYN}, line 1: def get_config(:)"),
