@@ -50,6 +50,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
+def load_run_config(workdir: str, flag: str, trainer: str, reads: str
+                    ) -> ml_collections.ConfigDict:
+  """The config.json of the run `flag`=`workdir` names, which must be a `trainer` run
+  (ValueError / FileNotFoundError naming the flag; `reads` says what the reader takes)."""
+  try:
+    config = load_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{flag}={workdir}: {e}") from None
+  if config.get("trainer") != trainer:
+    raise ValueError(f"{flag}={workdir} is a {config.get('trainer')!r} run; {reads}")
+  return config
+
+
 def _leaves(tree: dict, prefix: str = "") -> dict:
   out = {}
   for key, value in tree.items():

@@ -95,13 +95,9 @@ def export(workdir: str, checkpoint: str | int, fmt: str, out: str) -> None:
   from nda_jax import config_lib, trainers  # pylint: disable=g-import-not-at-top
   if os.path.exists(out):
     raise ValueError(f"--out={out} exists; pass a new file name (nothing is overwritten)")
-  try:
-    config = config_lib.load_config(workdir)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"--workdir={workdir}: {e}") from None
-  if config.get("trainer") != "moco":
-    raise ValueError(f"--workdir={workdir} is a {config.get('trainer')!r} run; the exporter "
-                     f"reads MoCo runs and workdirs of nda_jax.importers.moco_pytorch")
+  config = config_lib.load_run_config(
+      workdir, "--workdir", "moco",
+      "the exporter reads MoCo runs and workdirs of nda_jax.importers.moco_pytorch")
   check_exportable(config.model.stem, int(config.model.width), fmt)
   try:
     _, _, state = trainers.load_run(workdir, checkpoint)

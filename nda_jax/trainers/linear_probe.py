@@ -88,15 +88,10 @@ class LinearProbe(method_lib.Method):
       raise ValueError("config.pretrained_workdir is not set: pass "
                        "--config.pretrained_workdir=DIR, the workdir of a MoCo run or of "
                        "`python -m nda_jax.importers.moco_pytorch`")
-    try:
-      pretrained = config_lib.load_config(workdir)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.pretrained_workdir={workdir}: {e}") from None
-    if pretrained.get("trainer") != "moco":
-      raise ValueError(f"config.pretrained_workdir={workdir} is a "
-                       f"{pretrained.get('trainer')!r} run; the linear probe reads MoCo runs "
-                       f"(trainer 'moco') and workdirs of nda_jax.importers.moco_pytorch")
-    return pretrained
+    return config_lib.load_run_config(
+        workdir, "config.pretrained_workdir", "moco",
+        "the linear probe reads MoCo runs (trainer 'moco') and workdirs of "
+        "nda_jax.importers.moco_pytorch")
 
   @property
   def encoder_config(self) -> ml_collections.ConfigDict:

@@ -159,15 +159,8 @@ class VideoClassifier(method_lib.Method):
                        "--config.pretrained_workdir='' for the untrained baseline")
     if not workdir:
       return None
-    try:
-      pretrained = config_lib.load_config(workdir)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.pretrained_workdir={workdir}: {e}") from None
-    if pretrained.get("trainer") != "dpc":
-      raise ValueError(f"config.pretrained_workdir={workdir} is a "
-                       f"{pretrained.get('trainer')!r} run; the video classifier reads DPC "
-                       f"runs (trainer 'dpc')")
-    return pretrained
+    return config_lib.load_run_config(workdir, "config.pretrained_workdir", "dpc",
+                                      "the video classifier reads DPC runs (trainer 'dpc')")
 
   def _check_pretrained(self) -> None:
     c, pretrained = self.config, self.pretrained_config
