@@ -182,26 +182,6 @@ def test_workdir_is_read_before_the_flags():
   assert eval_lib.workdir_from_argv(["eval", "--only=x"]) is None
 
 
-def test_legacy_config_json_still_evaluates(demo_run, classifier_cache, tmp_path):
-  """A run from before config.evals: its config.json has the old `eval` section."""
-  legacy_dir = str(tmp_path / "legacy")
-  shutil.copytree(demo_run, legacy_dir)
-  with open(os.path.join(legacy_dir, "config.json")) as f:
-    raw = json.load(f)
-  del raw["evals"]
-  raw["eval"] = {"metrics": ["fd_digits"], "every": 1250, "num_samples": 32,
-                 "sample_batch_size": 16, "inception_weights": None, "ref_stats": None}
-  with open(os.path.join(legacy_dir, "config.json"), "w") as f:
-    json.dump(raw, f)
-  config = eval_lib.parse_config(legacy_dir, ["--config.evals.fd_digits.batch_size=32"])
-  assert set(config.evals) == {"fd_digits"} and "eval" not in config
-  assert set(config.evals.fd_digits) == set(evaluators.default_config("sample_quality"))
-  result = eval_lib.run(eval_lib.prepare(legacy_dir, config=config))
-  assert set(result["metrics"]) == {"fd_digits"} and result["metrics"]["fd_digits"] > 0
-  used = result["evals"]["fd_digits"]
-  assert (used["num_samples"], used["every"], used["batch_size"]) == (32, 1250, 32)
-
-
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"workdir": "/nonexistent/run"}, FileNotFoundError, "does not exist"),
     ({"only": ["fd_digits", "anomaly", "fid"]}, ValueError,
