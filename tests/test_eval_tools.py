@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
