@@ -47,6 +47,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{path} is not a readable config ({type(e).__name__}: {e}): the file is "
                      f"truncated or was edited by hand; restore it from a copy, or write it "
                      f"again by resuming the run with its --config") from None
+  if "evals" in config:   # JSON holds lists where the evaluators declare tuples.
+    from nda_jax import evaluators  # pylint: disable=g-import-not-at-top  (heavy)
+    config.evals = evaluators.with_defaults(config.evals)
   return config
 
 
@@ -89,9 +92,11 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str, step: i
   """The saved config to keep in config_history/ when `config` changes how a run
   resumed from `step` trains (with `allow_change`); ValueError listing the changed
   keys without it. None when nothing that matters changed."""
-  if not (workdir_lib.path(workdir) / CONFIG_FILE).exists():
+  path = workdir_lib.path(workdir) / CONFIG_FILE
+  if not path.exists():
     return None   # Nothing to compare with (checkpoints copied without it).
-  saved = load_config(workdir)
+  load_config(workdir)   # A clear error for a damaged file; compared as written:
+  saved = ml_collections.ConfigDict(json.loads(path.read_text()))
   changes = training_changes(saved, config)
   if not changes:
     return None
