@@ -9,14 +9,12 @@ at most 2.1%, G's loss), every weight tensor's gradient with cosine similarity
 > 0.99 to float32's (measured: >= 0.9956, G) and its norm within 10% (measured:
 at most 1.8%).
 """
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nda_jax import config_lib
 from nda_jax import optim
 from nda_jax.trainers import gan
 from test_gan_trainer import run_iterations
@@ -118,11 +116,3 @@ def test_gradients_close_to_float32(steps, part):
     assert abs(n16 - n32) <= NORM_RTOL * n32, (name, n16, n32)
     checked += 1
   assert checked >= 5
-
-
-def test_run_from_before_dtype_loads_as_float32(tmp_path):
-  """config.json of a run from before config.dtype: it computed in float32."""
-  config = tiny_config().to_dict()
-  del config["dtype"]
-  (tmp_path / "config.json").write_text(json.dumps(config))
-  assert config_lib.load_config(str(tmp_path)).dtype == "float32"
