@@ -24,6 +24,7 @@ from nda_jax import trainers
 from nda_jax.data import pipeline
 from nda_jax.trainers import common
 from nda_jax.trainers import gan
+import snapshot
 from test_gan_trainer import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,17 +179,6 @@ CASES = [
 SNAPSHOTS = ("W", "C", "T", "F", "TC", "IMG", "CRAFTED")
 
 
-def _snapshot(folder):
-  """{relative path: bytes} of every file under `folder` (what must not change)."""
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = f.read()
-  return out
-
-
 class _CreatesAFile:
   """Unpickles into `os.system('touch PATH')`: what a crafted data file would run."""
 
@@ -286,10 +276,10 @@ def outcomes(tmp_path_factory):
   for suffix in ("", ".pth"):
     with open(places["JUNK"] + suffix, "wb") as f:
       f.write(np.random.RandomState(0).bytes(1000))
-  before = {k: _snapshot(places[k]) for k in SNAPSHOTS}
+  before = {k: snapshot.tree(places[k]) for k in SNAPSHOTS}
   with futures.ThreadPoolExecutor(3) as pool:
     results = dict(zip([c[0] for c in CASES], pool.map(lambda c: _run(c, places), CASES)))
-  after = {k: _snapshot(places[k]) for k in SNAPSHOTS}
+  after = {k: snapshot.tree(places[k]) for k in SNAPSHOTS}
   return places, results, before, after
 
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import snapshot
 import toy_method
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import evaluators
@@ -238,22 +239,18 @@ def test_a_missing_pipeline_file_is_damage_not_another_process_count(straight_ru
   assert_same_state(straight_run, tmp_path, config())
 
 
-def _tree_bytes(root):
-  return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("change", ["--config.train.batch_size=16", "--config.seed=1",
                                     "--config.optim.lr=0.05"])
 def test_a_resume_that_trains_differently_is_refused(tmp_path, change):
   rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
   assert rc == 0, out[-3000:]
-  before = _tree_bytes(tmp_path)
+  before = snapshot.tree(tmp_path)
   rc, out = _run_main(tmp_path, change)
   key, value = change[len("--config."):].split("=")
   assert rc == 1 and "Traceback" not in out, out[-3000:]
   assert f"trained to step 2 with another config: {key}:" in out, out[-3000:]
   assert "--allow_config_change" in out
-  assert _tree_bytes(tmp_path) == before    # config.json and every checkpoint unchanged.
+  assert snapshot.tree(tmp_path) == before    # config.json and every checkpoint unchanged.
 
 
 def test_allow_config_change_keeps_the_old_config(tmp_path):

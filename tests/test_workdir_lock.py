@@ -5,7 +5,6 @@ nothing; the lock goes with its process however it ends; readers (load_run,
 eval's records) never write into a training run and survive keep-N deleting
 the step they chose.
 """
-import hashlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import time
 import jax
 import pytest
 
+import snapshot
 import toy_method
 from nda_jax import eval as eval_lib
 from nda_jax import trainers
@@ -55,17 +55,6 @@ def _wait_for_step(proc, step):
   raise AssertionError(f"the run ended before step {step}:\n" + "".join(lines)[-3000:])
 
 
-def _tree(folder):
-  """{relative path: sha256} of every file under `folder`."""
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def _steps_logged(workdir):
   return [r["step"] for r in common.read_metrics(str(workdir))]
 
@@ -81,10 +70,10 @@ def test_second_main_is_refused_naming_the_holder_and_changes_nothing(tmp_path):
   first.send_signal(signal.SIGSTOP)
   try:
     time.sleep(1.0)   # An async write in flight when stopped is frozen too (one process).
-    before = _tree(workdir)
+    before = snapshot.tree(workdir)
     assert workdir_lock.LOCK_FILE in before
     rc, out = _finish(_start(workdir, *flags))
-    after = _tree(workdir)
+    after = snapshot.tree(workdir)
   finally:
     first.send_signal(signal.SIGCONT)
   assert rc == 1, out[-3000:]
@@ -184,7 +173,7 @@ def test_a_reader_moves_no_damaged_step(tmp_path):
       if name != "_METADATA" and not name.startswith("_CHECKPOINT"):
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(0)
-  before = _tree(workdir)
+  before = snapshot.tree(workdir)
   with pytest.raises(Exception):
     trainers.load_run(str(workdir))
-  assert _tree(workdir) == before
+  assert snapshot.tree(workdir) == before
