@@ -199,6 +199,7 @@ def train(model, root: str, examples, config: ml_collections.ConfigDict, log=pri
     if not torch.isfinite(loss):
       raise FloatingPointError(f"the loss is {loss.item()} at iteration {step}: lower "
                                f"--config.optim.base_lr")
+    lr = opt.param_groups[0]["lr"]
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -206,7 +207,7 @@ def train(model, root: str, examples, config: ml_collections.ConfigDict, log=pri
     if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.iterations:
       parts = " ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
       log(f"iteration {step + 1}/{config.train.iterations} | loss={loss.item():.3f} {parts} "
-          f"| lr={opt.param_groups[0]['lr']:.5f} | {time.time() - start:.0f} s")
+          f"| lr={lr:.6g} | {time.time() - start:.0f} s")
 
 
 def evaluate(model, root: str, examples, config: ml_collections.ConfigDict
