@@ -69,6 +69,10 @@ def host_views(c: ml_collections.ConfigDict, num: int, size, scale) -> None:
   c.data.views.ratio = (3 / 4, 4 / 3)   # torchvision's default
 
 
+# The paper's image NDAs (Table 1), each an out-of-distribution set of the anomaly evaluator.
+ANOMALY_NDAS = ("jigsaw", "stitch", "mixup", "cutout", "cutmix", "mosaic")
+
+
 def gan_config() -> ml_collections.ConfigDict:
   """The official NDA-GAN recipe (train_C10.sh): BigGAN_new, hinge, jigsaw k=2, 0.25/0.75."""
   c = run_config("gan", seed=2)
@@ -122,6 +126,13 @@ def gan_config() -> ml_collections.ConfigDict:
   c.evals.fid.every = 5000              # test_every
   c.evals.fid.num_samples = 10000       # FID-10k against the 10k CIFAR-10 statistics
   c.evals.fid.sample_batch_size = 64    # BN batch statistics over 64 samples, as official
+
+  # Anomaly detection (paper 4.4): AUROC of D(x), test split vs NDA(test) per
+  # NDA and, with --config.evals.anomaly.cifar10c_dir=.../CIFAR-10-C (the
+  # official <corruption>.npy + labels.npy; CIFAR-100-C has the same layout),
+  # the 19 corruptions of the official code, at the end of training.
+  c.evals.anomaly = evaluators.default_config("anomaly")
+  c.evals.anomaly.ndas = ANOMALY_NDAS
 
   c.checkpoint.keep_best = 5            # num_best_copies
   c.checkpoint.best_metric = "fid"
