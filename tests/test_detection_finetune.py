@@ -137,7 +137,7 @@ def test_bad_inputs_are_one_paragraph_and_leave_no_workdir(torch, data, exported
     pickle.dump({"model": {"stem.conv1.weight": np.zeros((4, 3, 3, 3))}}, f)
   cases = [(str(tmp_path / "missing.pth"), data, "does not exist"),
            (str(wrong), data, "not a ResNet backbone"),
-           (str(pkl), data, "not a torch state_dict"),
+           (str(pkl), data, "not a readable PyTorch file"),
            (exported, str(tmp_path), "not a PASCAL VOC root")]
   for i, (b, d, words) in enumerate(cases):
     with pytest.raises(ValueError, match=words):

@@ -117,13 +117,9 @@ def load_backbone(path: str, config: ml_collections.ConfigDict):
   if not os.path.isfile(path):
     raise ValueError(f"--backbone={path} does not exist; pass a file of python -m "
                      f"nda_jax.exporters.backbone --format=torchvision, or --backbone=none")
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (any unreadable file is the user's)
-    raise ValueError(
-        f"--backbone={path} is not a torch state_dict ({type(e).__name__}: "
-        f"{' '.join(str(e).split())[:200]}). A Detectron2 .pkl is for Detectron2; write "
-        f"this one with python -m nda_jax.exporters.backbone --format=torchvision.") from None
+  state_dict = extras.read_torch_file(
+      path, "a file of python -m nda_jax.exporters.backbone --format=torchvision as "
+            "--backbone (a Detectron2 .pkl is for Detectron2)")
   if not isinstance(state_dict, Mapping) or not all(
       isinstance(v, torch.Tensor) for v in state_dict.values()):
     raise ValueError(f"--backbone={path} holds no state_dict of tensors; write it with python "
