@@ -27,7 +27,8 @@ count, 1 for 0 workers) and the cores one accelerator needs at
 --batch_per_step x --steps_per_sec (default 256 x 3: a V100-class GPU on
 ResNet-50 MoCo-v2 at batch 256, MoCo's 8-GPU run at ~0.4 s per step of 256 per
 GPU being ~2.5; 3 keeps a margin). On a shared machine absolute figures move
-with the load; the ratios, measured alternately on the same files, move less.
+with the load; the ratios, measured alternately on the same files, move less,
+and --idle_floor turns them into cores at an idle core's decode rate.
 """
 import io
 import os
@@ -53,6 +54,9 @@ _BATCH = flags.DEFINE_integer("batch", 25, "Host batch of the pipelines.")
 _BATCH_PER_STEP = flags.DEFINE_integer("batch_per_step", 256, "Images per accelerator step.")
 _STEPS_PER_SEC = flags.DEFINE_float("steps_per_sec", 3.0, "Accelerator steps per second.")
 _DIR = flags.DEFINE_string("dir", None, "Where to write the JPEGs (default: a temporary folder).")
+_IDLE_FLOOR = flags.DEFINE_float(
+    "idle_floor", 0.0, "Decode floor (img/s) of one idle core, for the cores-needed column on "
+    "a loaded machine (ratio x this); 0: the floor measured here.")
 
 
 def write_images(root: str, n: int, seed: int = 0) -> list[str]:
@@ -192,16 +196,19 @@ def main(argv):
       results[name].append(fn())
       print(f"pass {repeat + 1}: {name}: {results[name][-1]:.0f} img/s", flush=True)
   floor = float(np.median(results["PIL decode floor"]))
+  core_floor = _IDLE_FLOOR.value or floor
   need = _BATCH_PER_STEP.value * _STEPS_PER_SEC.value
   print(f"\nimg/s: median of {_REPEATS.value} alternating passes; x floor per core = img/s / "
         f"cores / floor; cores for one accelerator at {_BATCH_PER_STEP.value} img/step x "
-        f"{_STEPS_PER_SEC.value:g} steps/s = {need:.0f} img/s.\n")
+        f"{_STEPS_PER_SEC.value:g} steps/s = {need:.0f} img/s, at a floor of {core_floor:.0f} "
+        f"img/s per core.\n")
   print(f"| {'':58s} | {'img/s':>6s} | {'x floor per core':>16s} | {'cores needed':>12s} |")
   print(f"|{'-' * 60}|{'-' * 8}|{'-' * 18}|{'-' * 14}|")
   for name, (_, cores) in rows.items():
     rate = float(np.median(results[name]))
     per_core = rate / cores
-    print(f"| {name:58s} | {rate:6.0f} | {per_core / floor:16.2f} | {need / per_core:12.1f} |")
+    ratio = per_core / floor
+    print(f"| {name:58s} | {rate:6.0f} | {ratio:16.2f} | {need / (ratio * core_floor):12.1f} |")
 
 
 if __name__ == "__main__":
