@@ -46,12 +46,11 @@ def get_config(arg=None):
   c.train.num_epochs = 0
   c.train.total_steps = 500
   c.train.log_every = 50
-  c.evals.knn.every = 250
   c.evals.knn.k = 20
   c.evals.knn.max_train = 0
   c.evals.knn.batch_size = 256
   c.evals.knn.eval_split = "test"
-  c.checkpoint.every = 250
+  common.evaluate_every(c, 250, "knn")
   if "baseline" in variants:
     c.nda.enabled = False
   if "tiny" in variants:

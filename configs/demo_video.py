@@ -29,7 +29,7 @@ def get_config(arg=None):
   variants = common.parse_variants(arg, ("baseline", "tiny"))
   c = common.dpc_config()
   c.data = common.data_config("moving_digits", image_size=64, num_classes=4)
-  c.data.num_frames = 16
+  c.data.num_frames = common.clip_frames(c.model)
   c.data.digit_size = 40
   c.data.label_key = "direction"
   c.model.width = 8
@@ -47,15 +47,13 @@ def get_config(arg=None):
   c.train.total_steps = 300
   c.train.log_every = 25
   c.evals.knn = evaluators.default_config("knn")
-  c.evals.knn.every = 100
   c.evals.knn.k = 20
   c.evals.knn.batch_size = 64
-  c.checkpoint.every = 100
+  common.evaluate_every(c, 100, "knn")
   if "baseline" in variants:
     c.nda.enabled = False
   if "tiny" in variants:
     c.data.image_size = 32              # a 1x1 grid
-    c.data.num_frames = 8
     c.data.digit_size = 20
     c.model.width = 4
     c.model.num_seq = 4

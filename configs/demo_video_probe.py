@@ -35,7 +35,7 @@ def get_config(arg=None):
   c = common.video_classifier_config()
   c.mode = "linear"
   c.data = common.data_config("moving_digits", image_size=64, num_classes=10)
-  c.data.num_frames = 16
+  c.data.num_frames = common.clip_frames(c.model)
   c.data.digit_size = 40
   c.data.label_key = "digit"
   c.model.width = 8
@@ -52,11 +52,9 @@ def get_config(arg=None):
   c.train.num_epochs = 10
   c.train.log_every = 23
   del c.evals["val"]
-  c.evals.test.every = 92
   c.evals.test.batch_size = 64
-  c.checkpoint.every = 92
-  c.checkpoint.keep_best = 0
-  c.checkpoint.best_metric = ""
+  common.evaluate_every(c, 92, "test")
+  common.keep_best(c, "", keep=0)
   if "direction" in variants:
     c.data.label_key = "direction"
     c.data.num_classes = 4
@@ -68,7 +66,6 @@ def get_config(arg=None):
     c.pretrained_workdir = ""
   if "tiny" in variants:
     c.data.image_size = 32              # a 1x1 grid
-    c.data.num_frames = 8
     c.data.digit_size = 20
     c.model.width = 4
     c.model.seq_len = 2
@@ -79,8 +76,7 @@ def get_config(arg=None):
     c.train.num_epochs = 0
     c.train.total_steps = 4
     c.train.log_every = 1
-    c.evals.test.every = 4
     c.evals.test.batch_size = 16
     c.evals.test.max_examples = 32
-    c.checkpoint.every = 4
+    common.evaluate_every(c, 4, "test")
   return c
