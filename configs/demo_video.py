@@ -8,17 +8,13 @@ predict 2, on a 2x2 grid); it needs no download.
 
   python -m nda_jax.main --config=configs/demo_video.py --workdir=runs/demo_video
 
-300 steps of 32 clips take about 8 minutes on 2 CPU cores (484 s measured,
-compilation included); README.md gives what the run and its probes measure.
-The kNN monitor peaked at step 100 or 200 in every run measured; 1,000
-steps did not help it (0.70 at 250, 0.52 at 1,000, while the loss kept
-falling), so the demo stops at 300.
-
-The kNN monitor classifies a clip's motion direction (data.label_key =
-'direction', 4 classes) from the pooled ConvGRU state. The digits are 40 px on
-a 64 px canvas so that every 2x2 jigsaw patch holds part of the digit box: on
-a black background a jigsaw that only swaps empty patches returns a real
-block (measured: 1 in 512 of the jigsaw's future blocks, thin digits).
+300 steps of 32 clips take about 8 minutes on 2 CPU cores; README.md gives
+what the run and its probes measure. The kNN monitor classifies a clip's
+motion direction (data.label_key = 'direction', 4 classes) from the pooled
+ConvGRU state. The digits are 40 px on a 64 px canvas so that every 2x2
+jigsaw patch holds part of the digit box (a jigsaw that only swaps empty
+patches returns a real block); docs/demos.md gives the measurements behind
+these choices and the 300 steps.
 Variants: `:baseline` (no NDA), `:tiny` (a few steps on 32 px clips, for tests).
 """
 from configs import common
