@@ -74,6 +74,26 @@ def data_config(name: str, image_size: int, num_classes: int, channels: int = 3
   return d
 
 
+def host_views(c: ml_collections.ConfigDict, num: int, size, scale) -> None:
+  """Training crops made on the host from the original photos (data/crops.py).
+
+  `c.data.crops = 'host'`: `num` torchvision RandomResizedCrops of each
+  original image, as the reference recipes crop; `'device'` would crop the
+  decoded image_size square in the train step instead. `size` and `scale`
+  may be FieldReferences of the aug section, so one override sets both.
+  """
+  c.data.crops = "host"
+  c.data.views = ml_collections.ConfigDict()
+  c.data.views.num = num
+  c.data.views.size = size
+  c.data.views.scale = scale
+  c.data.views.ratio = (3 / 4, 4 / 3)   # torchvision's default
+
+
+# The paper's image NDAs (Table 1), each an out-of-distribution set of the anomaly evaluator.
+ANOMALY_NDAS = ("jigsaw", "stitch", "mixup", "cutout", "cutmix", "mosaic")
+
+
 def gan_config() -> ml_collections.ConfigDict:
   """The official NDA-GAN recipe (train_C10.sh): BigGAN_new, hinge, jigsaw k=2, 0.25/0.75."""
   c = run_config("gan", seed=2)
@@ -128,6 +148,13 @@ def gan_config() -> ml_collections.ConfigDict:
   c.evals.fid.num_samples = 10000       # FID-10k against the 10k CIFAR-10 statistics
   c.evals.fid.sample_batch_size = 64    # BN batch statistics over 64 samples, as official
 
+  # Anomaly detection (paper 4.4): AUROC of D(x), test split vs NDA(test) per
+  # NDA and, with --config.evals.anomaly.cifar10c_dir=.../CIFAR-10-C (the
+  # official <corruption>.npy + labels.npy; CIFAR-100-C has the same layout),
+  # the 19 corruptions of the official code, at the end of training.
+  c.evals.anomaly = evaluators.default_config("anomaly")
+  c.evals.anomaly.ndas = ANOMALY_NDAS
+
   keep_best(c, "fid", mode="min", keep=5)   # num_best_copies
   return c
 
@@ -144,7 +171,7 @@ def moco_config() -> ml_collections.ConfigDict:
   """MoCo-v2 (main_moco.py --mlp --moco-t 0.2 --aug-plus --cos) with NDA negatives, ImageNet."""
   c = run_config("moco", seed=0)
   c.data = data_config("image_folder", image_size=256, num_classes=1000)
-  c.data.resize_size = 256              # host: shorter side 256, centre 256x256; views crop 224
+  c.data.resize_size = 256              # eval: shorter side 256, centre 256x256, centre 224
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet50"
@@ -160,7 +187,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.moco.momentum = 0.999               # m
   c.moco.temperature = 0.2              # --moco-t 0.2
 
-  c.aug = ml_collections.ConfigDict()   # aug+ (MoCo-v2), made on device
+  c.aug = ml_collections.ConfigDict()   # aug+ (MoCo-v2): crops per data.crops, the rest on device
   c.aug.crop_size = 224
   c.aug.scale = (0.2, 1.0)
   c.aug.jitter = (0.4, 0.4, 0.4, 0.1)
@@ -169,6 +196,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.aug.blur_sigma = (0.1, 2.0)
   c.aug.p_blur = 0.5
   c.aug.p_flip = 0.5
+  host_views(c, num=2, size=c.aug.get_ref("crop_size"), scale=c.aug.get_ref("scale"))
 
   # NDA negatives: an NDA of each query's view, encoded by the key encoder.
   c.nda = ml_collections.ConfigDict()
@@ -357,12 +385,14 @@ def linear_config() -> ml_collections.ConfigDict:
   c.pretrained_workdir = ml_collections.FieldReference(None, field_type=str)  # a MoCo workdir
   c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
   c.data = data_config("image_folder", image_size=256, num_classes=1000)
-  c.data.resize_size = 256              # host: shorter side 256, centre 256x256; views 224
+  c.data.resize_size = 256              # eval: shorter side 256, centre 256x256, centre 224
   c.data.eval_split = "val"
 
-  c.aug = ml_collections.ConfigDict()   # training views, on device; eval center-crops
+  c.aug = ml_collections.ConfigDict()   # training views (flip on device); eval center-crops
   c.aug.scale = (0.08, 1.0)             # RandomResizedCrop's default
   c.aug.p_flip = 0.5
+  # The encoder's crop size (its aug.crop_size, read from the pretrained run).
+  host_views(c, num=1, size=224, scale=c.aug.get_ref("scale"))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.classifier = optim.default_config("sgd")

@@ -137,14 +137,16 @@ def _config_file_error(argv: Sequence[str], config_flag: str) -> str | None:
 
 
 def flag_value(argv: Sequence[str], name: str) -> str | None:
-  """`--name`'s value in argv, read before absl parses it (None if absent)."""
+  """`--name`'s value in argv, read before absl parses it (the last one counts, as absl's;
+  None if absent)."""
+  value = None
   for i, arg in enumerate(argv):
     for prefix in (f"--{name}=", f"-{name}="):
       if arg.startswith(prefix):
-        return arg[len(prefix):]
+        value = arg[len(prefix):]
     if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      value = argv[i + 1]
+  return value
 
 
 def override_keys(argv: Sequence[str], name: str) -> list[str]:

@@ -146,6 +146,9 @@ CASES = [
     ("biggan_import_unreadable", ("nda_jax.importers.biggan_pytorch", "--G={JUNK}.pth",
                                   "--D={JUNK}.pth", "--config=configs/demo.py:tiny",
                                   "--workdir={T}/imported"), UNREADABLE_PTH),
+    ("moco_import_unreadable", ("nda_jax.importers.moco_pytorch", "--checkpoint={JUNK}.pth",
+                                "--config=configs/demo_moco.py:tiny", "--workdir={T}/imported"),
+     UNREADABLE_PTH),
     # A storage that refuses writes, a config that cannot be read, data that is not data.
     ("disk_full_new_run", _faulty("ENOSPC", "{T}") + MAIN[:2] + ("--workdir={T}/run",),
      "cannot write {T}/run: the disk is full"),

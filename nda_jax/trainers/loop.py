@@ -25,6 +25,11 @@ from nda_jax.trainers import common
 from nda_jax.trainers import method as method_lib
 
 PyTree = Any
+# A logging window that waited on the input longer than this is reported as input-bound.
+INPUT_BOUND = 0.5
+INPUT_BOUND_WARNING = (
+    "step %d: input-bound, %.0f%% of the time since the last log waited for the next host "
+    "batch: raise config.data.worker_count (processes) or read_threads, or decode less")
 # Recorded in the guard when the parameters (not a metric) went non-finite.
 _PARAMS = "parameters"
 
@@ -236,7 +241,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step_fn = dp.step(guarded(method.make_step()), batch_axis=method.batch_axis)
     eval_fns = method.make_eval_fns(dp) if evaluators else {}
     writer = common.MetricWriter(workdir, start_step=step)
-    progress = common.Progress(steps_total, method.examples_per_step, step)
+    progress = common.Progress(steps_total, method.examples_per_step, step, dp.num_devices,
+                               writer.last_value("device_hours") or 0.0)
     block = parallel.must_block_each_step()
     metrics: dict[str, float] = {}
     metric_names: list[str] = []
@@ -251,7 +257,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     compiled = False
     while step < steps_total:
-      batch = dp.shard_batch(method.layout(next(data_iter)), batch_axis=method.batch_axis)
+      batch = dp.shard_batch(method.layout(progress.next_batch(data_iter)),
+                             batch_axis=method.batch_axis)
       if not compiled:
         parallel.compile_together(step_fn, carry, batch)
         compiled = True
@@ -262,8 +269,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       stopper.throttle(device_metrics)
       stop = stopper.should_stop(step, signals.requested)
       last = step == steps_total or stop
-      to_log = _due(config.train.log_every, step, last)
-      to_save = _due(config.checkpoint.every, step, last)
+      due = [name for name in evaluators
+             if _due(config.evals[name].every, step, step == steps_total)]
+      to_save = _due(config.checkpoint.every, step, last) or bool(due)
+      to_log = _due(config.train.log_every, step, last) or to_save
       if to_log or to_save:
         metric_names = sorted(device_metrics)
         check_guard(dp.get_state(carry)[1], metric_names, workdir, checkpointer.latest_step())
@@ -272,18 +281,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         metrics.update(progress.update(step))
         writer.write(step, metrics)
         logging.info("%s", common.Progress.line(step, steps_total, metrics))
-      if method.artifact_every and _due(method.artifact_every, step, last):
-        method.artifacts(current_state(), workdir, step)
-      due = [name for name in evaluators
-             if _due(config.evals[name].every, step, step == steps_total)]
-      eval_metrics = None
-      if due:
-        eval_metrics = run_evaluators(evaluators, eval_fns, current_state(), due)
-        writer.write(step, eval_metrics)
-        metrics.update(eval_metrics)
-        logging.info("step %d eval: %s", step, eval_metrics)
-      if to_save or eval_metrics:
-        save(step, eval_metrics)
+        if metrics["input_wait_fraction"] > INPUT_BOUND:
+          logging.warning(INPUT_BOUND_WARNING, step, 100 * metrics["input_wait_fraction"])
+      with progress.paused():
+        if method.artifact_every and _due(method.artifact_every, step, last):
+          method.artifacts(current_state(), workdir, step)
+        eval_metrics = None
+        if due:
+          eval_metrics = run_evaluators(evaluators, eval_fns, current_state(), due)
+          writer.write(step, eval_metrics)
+          metrics.update(eval_metrics)
+          logging.info("step %d eval: %s", step, eval_metrics)
+        if to_save:
+          save(step, eval_metrics)
       if stop:
         logging.warning("stopping at step %d after a signal; checkpoint saved", step)
         break
