@@ -315,9 +315,10 @@ def test_input_waits_throughput_and_device_hours_are_logged(tmp_path, monkeypatc
   """With log_every=1 the batch of step k is asked for inside step k's logging window,
   so over steps 2..steps-1 (step 1's window holds the compilation) the logged wait
   share is the test's own measured waits over the time from the first request to the
-  last: the same span up to the log-to-request offset at its two ends, a few ms of
-  ~0.5 s. (Window by window the two spans differ by up to 12 ms on a loaded machine.)"""
-  steps, sleep_s, devices = 10, 0.05, jax.device_count()
+  last: the same span up to the log-to-request offset at its two ends. Window by
+  window the two differ by up to 12 ms, over 8 windows of 0.05 s sleeps by 30 ms
+  (5%) at a load of 16 on 2 cores: 10 windows of 0.1 s keep that under 3%."""
+  steps, sleep_s, devices = 12, 0.1, jax.device_count()
   with caplog.at_level(logging.WARNING):
     source, wall = _slow_run(monkeypatch, tmp_path, sleep_s, **{
         "train.total_steps": steps, "checkpoint.every": 1000})

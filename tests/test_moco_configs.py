@@ -134,7 +134,7 @@ def test_unknown_variant_is_refused_by_name(module):
 @pytest.mark.parametrize("dataset", MODULES)
 def test_passes_the_trainers_checks(dataset, variant):
   c = MODULES[dataset][0].get_config(variant)
-  dp = loop.check_config(c)            # What main runs before touching the workdir (8 CPU devices).
+  dp, _ = loop.check_config(c)         # What main runs before touching the workdir (8 CPU devices).
   assert dp.num_devices == len(jax.devices())
   trainers.get_method(c, CIFAR_TRAIN).validate(1)
 

@@ -23,8 +23,9 @@ _BLOCKS = {"basic": tv_resnet.BasicBlock, "bottleneck": tv_resnet.Bottleneck}
 
 
 class ResNet(nn.Module):
-  """torchvision's ResNet (v1.5) with `stem` ('imagenet' | 'cifar') and `width`;
-  `forward` returns the pooled features (torchvision's with `fc = Identity`)."""
+  """torchvision's ResNet (v1.5) with `stem` ('imagenet' | 'cifar') and `width`, and its
+  init (kaiming-normal fan-out convs, BN 1 / 0); `forward` returns the pooled features
+  (torchvision's with `fc = Identity`)."""
 
   def __init__(self, arch: str, stem: str = "imagenet", width: int = 64,
                norm_layer: type[nn.Module] = nn.BatchNorm2d):
@@ -56,6 +57,9 @@ class ResNet(nn.Module):
       setattr(self, name, nn.Sequential(*layers))
       self.stage_channels.append(inplanes)
     self.avgpool = nn.AdaptiveAvgPool2d(1)
+    for m in self.modules():              # torchvision's init (an untrained backbone's)
+      if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

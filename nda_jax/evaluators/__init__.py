@@ -12,7 +12,8 @@ An evaluator class has
   default_config() -> ConfigDict              every key it reads, incl. type and every;
   run(**fns) -> Iterable[(metric, value)].
 It depends on the trainer only through those callables:
-  sample_fn(rng, n[, truncation]) -> n images [n, H, W, C] in [-1, 1]  (sample_quality)
+  sample_fn(rng, n[, truncation][, labels]) -> n images [n, H, W, C] in [-1, 1]  (sample_quality;
+                                                labels [n]: of those classes)
   score_fn(images, labels) -> [B] scores, e.g. D(x)        (anomaly)
   embed_fn(images uint8) -> [B, D] features                (knn)
 so a caller runs `ev.run(**{k: fns[k] for k in ev.requires})`. A new metric is

@@ -58,7 +58,7 @@ TIMING_KEYS = ("img_per_sec", "sec_per_step", "eta_sec")
 # Direction by name (the name without `eval/`): fnmatch patterns, first match wins.
 DIRECTIONS = (
     ("*_std", None),                   # a spread, not a score
-    ("fid", "lower"), ("fid_*", "lower"), ("ifid*", "lower"), ("intra_fid*", "lower"),
+    ("fid", "lower"), ("fid_*", "lower"), ("ifid*", "lower"), ("intra_*", "lower"),
     ("fd_*", "lower"), ("kid", "lower"), ("kid_*", "lower"), ("*loss*", "lower"),
     ("is", "higher"), ("inception_score", "higher"), ("precision*", "higher"),
     ("recall*", "higher"), ("density*", "higher"), ("coverage*", "higher"),
