@@ -40,6 +40,7 @@ from nda_jax import config_lib
 from nda_jax import images as images_lib
 from nda_jax import optim
 from nda_jax import parallel
+from nda_jax import trainers
 from nda_jax.augment import positive
 from nda_jax.models import resnet
 from nda_jax.trainers import method as method_lib
@@ -127,7 +128,6 @@ class LinearProbe(method_lib.Method):
     if c.data.image_size < self.crop_size:
       raise ValueError(f"config.data.image_size={c.data.image_size} is smaller than the "
                        f"encoder's crop size {self.crop_size} (its aug.crop_size)")
-    from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
     try:
       trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
                                lambda ckpt, step: step)
@@ -138,7 +138,6 @@ class LinearProbe(method_lib.Method):
 
   def pretrained_backbone(self) -> PyTree:
     """{'params', 'batch_stats'} of the pretrained query encoder's backbone (read from disk)."""
-    from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
     _, _, state = trainers.load_run(self.config.pretrained_workdir,
                                     self.config.pretrained_checkpoint)
     return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
