@@ -18,6 +18,7 @@ import pytest
 
 from configs import demo_linear
 from configs import demo_moco
+from nda_jax import images as images_lib
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import digits
@@ -238,7 +239,7 @@ def test_importer_cli_then_probe(tmp_path):
   logits = method.make_eval_fns(dp)["classify_fn"](dp.put_state(state), images)
   # PyTorch: CenterCrop(16), ToTensor, Normalize, the backbone, the probe's classifier.
   x = images[:, 2:18, 2:18] / 255.0
-  x = (x - np.array(moco.IMAGENET_MEAN)) / np.array(moco.IMAGENET_STD)
+  x = (x - np.array(images_lib.IMAGENET_MEAN)) / np.array(images_lib.IMAGENET_STD)
   features = torch_ref._torch_outputs(model, x.astype(np.float32))[0]
   want = features @ np.asarray(state.classifier["kernel"]) + np.asarray(
       state.classifier["bias"])
