@@ -20,8 +20,6 @@ Usage:
   python -m nda_jax.importers.biggan_pytorch --G=G_ema.pth --D=D.pth \
       --config=configs/cifar10_nda_gan.py:cond --workdir=DIR [--G_ema=G_ema.pth]
 """
-import os
-import pickle
 from typing import Any, Mapping
 
 import jax
@@ -151,21 +149,9 @@ def convert_discriminator(state_dict: Mapping[str, Any],
                         "Discriminator")
 
 
-def read_torch_file(torch: Any, path: str) -> Any:
-  """torch.load of a user's file: a missing or unreadable file is a ValueError naming it."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist")
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}); pass a "
-                     f"state_dict saved with torch.save") from None
-
-
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a `.pth` state_dict into NumPy arrays (needs torch)."""
-  torch = extras.require("torch", "torch", why=f"reading {path}")
-  state_dict = read_torch_file(torch, path)
+  state_dict = extras.read_torch_file(path, "a state_dict saved with torch.save")
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
   return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}

@@ -115,8 +115,9 @@ def convert_encoder(state_dict: Mapping[str, Any],
 
 def load_checkpoint(path: str) -> dict[str, np.ndarray]:
   """A main_moco / main_lincls checkpoint ('state_dict' entry) or a bare state_dict -> NumPy."""
-  torch = extras.require("torch", "torch", why=f"reading {path}")
-  checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  checkpoint = extras.read_torch_file(
+      path, "a main_moco.py / main_lincls.py checkpoint or a state_dict saved with torch.save")
+  torch = extras.require("torch", "torch")
   if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
     checkpoint = checkpoint["state_dict"]
   if not (isinstance(checkpoint, Mapping)

@@ -26,7 +26,6 @@ left unfilled, is an error.
 """
 import functools
 import os
-import pickle
 from typing import Any, Mapping
 
 import jax
@@ -134,15 +133,10 @@ def save_npz(variables: Variables, path: str) -> None:
 
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
-  torch = extras.require(
-      "torch", "torch", why=f"reading {path}",
+  state_dict = extras.read_torch_file(
+      path, f"pytorch-fid's {WEIGHTS_FILE}",
       hint=(f". Without torch, convert it once elsewhere (python -m nda_jax.importers.inception "
             f"--pth={path} --out=inception_fid.npz) and pass the .npz"))
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}); pass "
-                     f"pytorch-fid's {WEIGHTS_FILE}") from None
   return {k: v.numpy() for k, v in state_dict.items()}
 
 

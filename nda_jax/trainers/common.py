@@ -1,5 +1,7 @@
 """What every trainer shares: the metrics writer and the progress line."""
+import contextlib
 import json
+import threading
 import time
 from typing import Mapping
 
@@ -30,11 +32,13 @@ class MetricWriter:
     # A bucket's objects cannot be appended to (gcsfs silently overwrites): there
     # the file is rewritten with every record.
     self._lines = None
+    self._continued = ""
     if self._active:
       self._path.parent.mkdir(parents=True, exist_ok=True)
       text = _complete_lines(self._path)
       if start_step is not None:
         text = _drop_records_after(self._path, text, start_step)
+      self._continued = text
       if not workdir_lib.is_local(workdir):
         self._lines = [text] if text else []
       self._tb = _summary_writer(str(workdir_lib.path(workdir) / tensorboard))
@@ -54,9 +58,21 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
 
+  def last_value(self, key: str) -> float | None:
+    """`key` in the newest record of the run this one continues (None: none, or not process 0)."""
+    for line in reversed(self._continued.splitlines()):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and key in record:
+        return float(record[key])
+    return None
+
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      _close_summary_writer(self._tb)
+      self._tb = None
 
 
 def _drop_records_after(path, text: str, step: int) -> str:
@@ -105,6 +121,62 @@ def _summary_writer(logdir: str):
   return SummaryWriter(logdir)
 
 
+# How long closing waits for tensorboardX's last flush. Its gs:// writer uploads the
+# whole event file then, and google-cloud-storage retries that for up to 120 s when
+# the bucket is out of reach (116 s measured against a stopped server).
+TB_CLOSE_TIMEOUT_S = 20.0
+
+
+def _close_summary_writer(tb) -> None:
+  """Closes tensorboardX's writer. Its last flush may fail or hang (a full disk, a bucket
+  out of reach): the pending events are then given up with one warning (metrics.jsonl
+  holds the numbers) and the event files abandoned, since tensorboardX's atexit hook
+  and the files' finalizers would each flush again, ending the run's one-paragraph
+  error with a traceback or another 120 s of retries."""
+  writers = list((tb.all_writers or {}).values())
+  errors = []
+
+  def close():
+    try:
+      tb.close()
+    except Exception as e:  # pylint: disable=broad-except  (reported below)
+      errors.append(e)
+  closing = threading.Thread(target=close, daemon=True)
+  closing.start()
+  closing.join(TB_CLOSE_TIMEOUT_S)
+  if not (errors or closing.is_alive()):
+    return
+  why = (f"{type(errors[0]).__name__}: {str(errors[0])[:300]}" if errors
+         else f"not done after {TB_CLOSE_TIMEOUT_S:.0f} s")
+  logging.warning("TensorBoard events in %s not all written (%s); metrics.jsonl has the "
+                  "same numbers", writers[0].get_logdir() if writers else "?", why)
+  for writer in writers:
+    _abandon(writer.event_writer)
+
+
+def _abandon(events) -> None:
+  """tensorboardX's EventFileWriter marked closed (its atexit hook skips it), its thread
+  told to stop (else it dies on the queue closed at exit, with a traceback), and the file
+  under it closed without a flush: a local file closes even when its flush fails; a
+  gs:// one no longer flushes, so its finalizer uploads nothing."""
+  # pylint: disable=protected-access
+  events._closed = True
+  worker = events._worker
+  if worker is not None and worker.is_alive():
+    try:
+      events._event_queue.put_nowait(worker._shutdown_signal)
+    except Exception:  # pylint: disable=broad-except  (a full queue: its thread is dead)
+      pass
+  target = events._ev_writer._py_recordio_writer._writer
+  if hasattr(target, "blob"):      # tensorboardX's GCSRecordWriter
+    target.flush = lambda: None
+  else:
+    try:
+      target.close()
+    except OSError:
+      pass
+
+
 def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict]:
   """The records a run wrote to `workdir/metrics.jsonl` (for plots and tests); a line
   that is not one (cut off by a crash) is skipped with a warning naming file and line."""
@@ -141,26 +213,66 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Measures throughput between log points and formats the one-line progress log."""
+  """Throughput, input waits and device-hours between log points, and the progress line.
 
-  def __init__(self, total_steps: int, examples_per_step: int, first_step: int):
+  The loop takes each host batch through `next_batch`, so the time it waited on
+  the input pipeline is known; time in `paused()` (evaluation, checkpoints,
+  artifacts) counts towards device-hours but not towards a step's time.
+  Device-hours are all the devices' time since the run began, carried over a
+  resume through `device_hours` (big_vision's core_hours).
+  """
+
+  def __init__(self, total_steps: int, examples_per_step: int, first_step: int,
+               num_devices: int, device_hours: float = 0.0):
     self.total_steps = total_steps
     self.examples_per_step = examples_per_step
+    self.num_devices = num_devices
+    self.device_hours = device_hours
     self._t = time.perf_counter()
     self._step = first_step
+    self._waited = 0.0
+    self._paused = 0.0
+
+  def next_batch(self, iterator):
+    start = time.perf_counter()
+    try:
+      return next(iterator)
+    finally:
+      self._waited += time.perf_counter() - start
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
 
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    steps = max(step - self._step, 1)
-    sec_per_step = (now - self._t) / steps
-    self._t, self._step = now, step
-    return {"img_per_sec": self.examples_per_step / sec_per_step,
-            "sec_per_step": sec_per_step,
-            "eta_sec": (self.total_steps - step) * sec_per_step}
+    wall = now - self._t
+    stepping = max(wall - self._paused, 1e-9)
+    sec_per_step = stepping / max(step - self._step, 1)
+    self.device_hours += wall * self.num_devices / 3600
+    img_per_sec = self.examples_per_step / sec_per_step
+    scalars = {"img_per_sec": img_per_sec,
+               "img_per_sec_per_device": img_per_sec / self.num_devices,
+               "sec_per_step": sec_per_step,
+               "input_wait_fraction": min(self._waited / stepping, 1.0),
+               "device_hours": self.device_hours,
+               "eta_sec": (self.total_steps - step) * sec_per_step}
+    self._t, self._step, self._waited, self._paused = now, step, 0.0, 0.0
+    return scalars
 
   @staticmethod
   def line(step: int, total: int, scalars: Mapping[str, float]) -> str:
-    rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
-                    if k not in ("img_per_sec", "eta_sec", "sec_per_step"))
-    return (f"step {step}/{total} | {scalars.get('img_per_sec', 0):.1f} img/s | "
+    rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()) if k not in _SHOWN)
+    return (f"step {step}/{total} | {scalars.get('img_per_sec', 0):.1f} img/s "
+            f"({scalars.get('img_per_sec_per_device', 0):.1f}/device) | "
+            f"input wait {scalars.get('input_wait_fraction', 0):.0%} | "
+            f"{scalars.get('device_hours', 0):.3g} device-h | "
             f"ETA {format_duration(scalars.get('eta_sec', float('nan')))} | {rest}")
+
+
+_SHOWN = ("img_per_sec", "img_per_sec_per_device", "input_wait_fraction", "device_hours",
+          "eta_sec", "sec_per_step")

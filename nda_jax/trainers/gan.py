@@ -149,7 +149,7 @@ class GAN(method_lib.Method):
         ema_params=jax.tree.map(jnp.copy, g_vars["params"]),
         ema_stats=jax.tree.map(jnp.copy, g_vars.get("batch_stats", {})))
 
-  def layout(self, host_batch: method_lib.Batch) -> method_lib.Batch:
+  def step_batch(self, host_batch: method_lib.Batch) -> method_lib.Batch:
     """[num_d_steps * B, ...] -> [num_d_steps, B, ...]: one real batch per D step."""
     num_d = self.config.train.num_d_steps
     return {k: host_batch[k].reshape((num_d, -1) + host_batch[k].shape[1:])

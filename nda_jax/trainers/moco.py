@@ -4,7 +4,10 @@ MoCo-v2 (He et al. 2020, Chen et al. 2020; facebookresearch/moco
 `main_moco.py --mlp --moco-t 0.2 --aug-plus --cos`) for everything NDA does
 not change: a query encoder trained by SGD, a key encoder that is its
 momentum copy (updated before the keys are computed), InfoNCE against a queue
-of K past keys, two aug+ views per image made on device.
+of K past keys, two aug+ views per image. `data.crops` says where the views'
+RandomResizedCrops are made: 'device' (from the decoded image, in the step)
+or 'host' (from the original photo, data/crops.py: batches of uint8
+[B, 2, S, S, C], and the step does the rest of aug+).
 
 NDA (Sinha et al. 2021, section 4): an NDA of each query's view (or of the
 image, before its augmentation) is encoded by the KEY encoder in its own
@@ -89,6 +92,26 @@ def normalize_input(config: ml_collections.ConfigDict, images: jax.Array) -> jax
                    f"valid choices: ('imagenet', 'none')")
 
 
+def host_crops(config: ml_collections.ConfigDict) -> bool:
+  """Whether the data pipeline makes the training crops (config.data.crops='host')."""
+  return config.data.get("crops", "device") == "host"
+
+
+def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
+                     scale) -> None:
+  """The host's views (config.data.views) are the crops the recipe asks for."""
+  views = config.data.get("views")
+  want = {"num": num, "size": size, "scale": tuple(scale),
+          "ratio": tuple(positive.DEFAULT_RATIO)}
+  got = None if views is None else {k: views.get(k) for k in want}
+  if got is not None:
+    got = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()}
+  if got != want:
+    raise ValueError(f"config.data.crops='host' makes the training crops from "
+                     f"config.data.views={got}, but this recipe takes {want} (aug.crop_size, "
+                     f"aug.scale, torchvision's ratio): set config.data.views to match")
+
+
 def probe_enabled(config: ml_collections.ConfigDict) -> bool:
   """Whether the run trains an online probe (configs from before it have no section)."""
   return "online_probe" in config and bool(config.online_probe.enabled)
@@ -157,6 +180,12 @@ class MoCo(method_lib.Method):
       if c.nda.enqueue and c.moco.queue_size % (2 * b):
         raise ValueError(f"config.nda.enqueue=True enqueues 2 x {b} keys a step: "
                          f"config.moco.queue_size must be a multiple of {2 * b}")
+    if host_crops(c):
+      check_host_views(c, num=2, size=c.aug.crop_size, scale=c.aug.scale)
+      if c.nda.enabled and c.nda.source == "image":
+        raise ValueError("config.nda.source='image' applies the NDA to the image before its "
+                         "crop, which config.data.crops='host' makes on the host: use "
+                         "--config.data.crops=device or --config.nda.source=query_view")
     normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     build_encoder(c)
     if probe_enabled(c):
@@ -211,9 +240,10 @@ class MoCo(method_lib.Method):
                             p_jitter=c.aug.p_jitter, p_gray=c.aug.p_gray,
                             blur_sigma=tuple(c.aug.blur_sigma), p_blur=c.aug.p_blur,
                             p_flip=c.aug.p_flip)
+    on_host = host_crops(c)
 
-    def views(key, images, b):
-      return aug(parallel.per_example_keys(key, b), images)
+    def views(key, images, b, crop=True):
+      return aug(parallel.per_example_keys(key, b), images, crop=crop)
 
     def encode(params, stats, x, groups):
       (features, projection), mutated = encoder.apply(
@@ -225,8 +255,12 @@ class MoCo(method_lib.Method):
       images = parallel.to_float(batch["image"])
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
-      query_view = views(jax.random.fold_in(key, 0), images, b)
-      key_view = views(jax.random.fold_in(key, 1), images, b)
+      if on_host:   # [b, 2, S, S, C]: the two crops, made on the host
+        query_view = views(jax.random.fold_in(key, 0), images[:, 0], b, crop=False)
+        key_view = views(jax.random.fold_in(key, 1), images[:, 1], b, crop=False)
+      else:
+        query_view = views(jax.random.fold_in(key, 0), images, b)
+        key_view = views(jax.random.fold_in(key, 1), images, b)
 
       # The key encoder moves first (MoCo's _momentum_update_key_encoder), then encodes.
       m = c.moco.momentum
