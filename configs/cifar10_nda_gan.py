@@ -10,6 +10,10 @@ Variants: `:cond` (train_C10_cond.sh), `:baseline` (alpha=1, beta=0), combinable
       --config.evals.fid.inception_weights=pt_inception-2015-12-05-6726825d.pth \
       --config.evals.fid.ref_stats=cifar10_10k_stats.npz --workdir=runs/c10_nda
 
+At the end of training `evals.anomaly` scores the test set against its NDAs;
+`--config.evals.anomaly.cifar10c_dir=.../CIFAR-10-C` (the official .npy files)
+adds the 19 corruptions, per severity (paper 4.4).
+
 Expected (paper, FID-10k with the TF Inception, best checkpoint): unconditional
 NDA 12.61 vs baseline 18.64; conditional NDA 9.42.
 """

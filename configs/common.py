@@ -38,6 +38,27 @@ def run_config(trainer: str, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
+def keep_best(c: ml_collections.ConfigDict, metric: str, mode: str = "max", keep: int = 1
+              ) -> None:
+  """Keeps, beside the latest ones, the `keep` checkpoints best by the evaluators' `metric`."""
+  c.checkpoint.keep_best = keep
+  c.checkpoint.best_metric = metric
+  c.checkpoint.best_mode = mode
+
+
+def evaluate_every(c: ml_collections.ConfigDict, steps: int, *evals: str) -> None:
+  """Runs `evals` and saves a checkpoint every `steps` steps: one cadence, so every
+  checkpoint carries the metrics that choose the best ones."""
+  for name in evals:
+    c.evals[name].every = steps
+  c.checkpoint.every = steps
+
+
+def clip_frames(model: ml_collections.ConfigDict) -> ml_collections.FieldReference:
+  """A clip's frames, `model.num_seq * model.seq_len`, following overrides of either."""
+  return model.get_ref("num_seq") * model.get_ref("seq_len")
+
+
 def data_config(name: str, image_size: int, num_classes: int, channels: int = 3
                 ) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
@@ -51,6 +72,26 @@ def data_config(name: str, image_size: int, num_classes: int, channels: int = 3
   d.read_threads = 1                    # batches prepared ahead in threads
   d.worker_count = 0                    # > 0: in grain worker processes instead
   return d
+
+
+def host_views(c: ml_collections.ConfigDict, num: int, size, scale) -> None:
+  """Training crops made on the host from the original photos (data/crops.py).
+
+  `c.data.crops = 'host'`: `num` torchvision RandomResizedCrops of each
+  original image, as the reference recipes crop; `'device'` would crop the
+  decoded image_size square in the train step instead. `size` and `scale`
+  may be FieldReferences of the aug section, so one override sets both.
+  """
+  c.data.crops = "host"
+  c.data.views = ml_collections.ConfigDict()
+  c.data.views.num = num
+  c.data.views.size = size
+  c.data.views.scale = scale
+  c.data.views.ratio = (3 / 4, 4 / 3)   # torchvision's default
+
+
+# The paper's image NDAs (Table 1), each an out-of-distribution set of the anomaly evaluator.
+ANOMALY_NDAS = ("jigsaw", "stitch", "mixup", "cutout", "cutmix", "mosaic")
 
 
 def gan_config() -> ml_collections.ConfigDict:
@@ -107,8 +148,14 @@ def gan_config() -> ml_collections.ConfigDict:
   c.evals.fid.num_samples = 10000       # FID-10k against the 10k CIFAR-10 statistics
   c.evals.fid.sample_batch_size = 64    # BN batch statistics over 64 samples, as official
 
-  c.checkpoint.keep_best = 5            # num_best_copies
-  c.checkpoint.best_metric = "fid"
+  # Anomaly detection (paper 4.4): AUROC of D(x), test split vs NDA(test) per
+  # NDA and, with --config.evals.anomaly.cifar10c_dir=.../CIFAR-10-C (the
+  # official <corruption>.npy + labels.npy; CIFAR-100-C has the same layout),
+  # the 19 corruptions of the official code, at the end of training.
+  c.evals.anomaly = evaluators.default_config("anomaly")
+  c.evals.anomaly.ndas = ANOMALY_NDAS
+
+  keep_best(c, "fid", mode="min", keep=5)   # num_best_copies
   return c
 
 
@@ -124,7 +171,7 @@ def moco_config() -> ml_collections.ConfigDict:
   """MoCo-v2 (main_moco.py --mlp --moco-t 0.2 --aug-plus --cos) with NDA negatives, ImageNet."""
   c = run_config("moco", seed=0)
   c.data = data_config("image_folder", image_size=256, num_classes=1000)
-  c.data.resize_size = 256              # host: shorter side 256, centre 256x256; views crop 224
+  c.data.resize_size = 256              # eval: shorter side 256, centre 256x256, centre 224
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet50"
@@ -140,7 +187,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.moco.momentum = 0.999               # m
   c.moco.temperature = 0.2              # --moco-t 0.2
 
-  c.aug = ml_collections.ConfigDict()   # aug+ (MoCo-v2), made on device
+  c.aug = ml_collections.ConfigDict()   # aug+ (MoCo-v2): crops per data.crops, the rest on device
   c.aug.crop_size = 224
   c.aug.scale = (0.2, 1.0)
   c.aug.jitter = (0.4, 0.4, 0.4, 0.1)
@@ -149,6 +196,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.aug.blur_sigma = (0.1, 2.0)
   c.aug.p_blur = 0.5
   c.aug.p_flip = 0.5
+  host_views(c, num=2, size=c.aug.get_ref("crop_size"), scale=c.aug.get_ref("scale"))
 
   # NDA negatives: an NDA of each query's view, encoded by the key encoder.
   c.nda = ml_collections.ConfigDict()
@@ -174,15 +222,30 @@ def moco_config() -> ml_collections.ConfigDict:
   c.train.total_steps = 0
   c.train.log_every = 100
 
+  # Online linear probe (solo-learn's): stop-gradient features, its own SGD; off here
+  # (see imagenet_moco.py for its measured cost), on with `enable_online_probe`.
+  c.online_probe = ml_collections.ConfigDict()
+  c.online_probe.enabled = False
+  c.online_probe.optim = optim.default_config("sgd")
+  c.online_probe.optim.lr = 0.1         # solo-learn's classifier lr, no weight decay
+  c.online_probe.optim.momentum = 0.9
+  c.online_probe.optim.weight_decay = 0.0
+  c.online_probe.optim.schedule = "cosine"
+
   c.evals.knn = evaluators.default_config("knn")
-  c.evals.knn.every = 5000
   c.evals.knn.max_train = 50000         # a fixed subset of ImageNet train as the feature bank
   c.evals.knn.eval_split = "val"
-  c.checkpoint.every = 5000
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "knn_top1"
-  c.checkpoint.best_mode = "max"
+  evaluate_every(c, 5000, "knn")
+  keep_best(c, "knn_top1")
   return c
+
+
+def enable_online_probe(c: ml_collections.ConfigDict) -> None:
+  """The online probe on, its test top-1 evaluated with the kNN monitor (evals.online_probe)."""
+  c.online_probe.enabled = True
+  c.evals.online_probe = evaluators.default_config("classification")
+  c.evals.online_probe.every = c.evals.knn.every
+  c.evals.online_probe.batch_size = c.evals.knn.batch_size
 
 
 def video_classifier_config() -> ml_collections.ConfigDict:
@@ -207,7 +270,6 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.mode = "finetune"                   # or 'linear'
   c.data = data_config("ucf101", image_size=240, num_classes=101)
   c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
-  c.data.num_frames = 40                # model.num_seq x model.seq_len
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -220,6 +282,7 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.model.width = 64                    # 256-d features
   c.model.num_seq = 8                   # blocks per clip
   c.model.seq_len = 5
+  c.data.num_frames = clip_frames(c.model)
   c.model.gru_kernel = 1
   c.model.gru_dropout = 0.1             # DPC's ConvGRU dropout, on while fine-tuning
   c.model.head_dropout = 0.5
@@ -252,13 +315,10 @@ def video_classifier_config() -> ml_collections.ConfigDict:
 
   c.evals.val = evaluators.default_config("video_classification")
   c.evals.val.split = "val"
-  c.evals.val.every = 660               # ~one epoch: 10 x ~8.5k training videos / 128
   c.evals.test = evaluators.default_config("video_classification")
   c.evals.test.split = "test"
-  c.checkpoint.every = 660
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "val_video_top1"
-  c.checkpoint.best_mode = "max"
+  evaluate_every(c, 660, "val")         # ~one epoch: 10 x ~8.5k training videos / 128
+  keep_best(c, "val_video_top1")
   return c
 
 
@@ -274,7 +334,6 @@ def dpc_config() -> ml_collections.ConfigDict:
   c = run_config("dpc", seed=0)
   c.data = data_config("ucf101", image_size=240, num_classes=101)
   c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
-  c.data.num_frames = 40                # model.num_seq x model.seq_len
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -286,6 +345,7 @@ def dpc_config() -> ml_collections.ConfigDict:
   c.model.width = 64                    # 256-d features
   c.model.num_seq = 8
   c.model.seq_len = 5
+  c.data.num_frames = clip_frames(c.model)
   c.model.pred_step = 3
   c.model.gru_kernel = 1
   c.model.gru_dropout = 0.1
@@ -343,12 +403,14 @@ def linear_config() -> ml_collections.ConfigDict:
   c.pretrained_workdir = ml_collections.FieldReference(None, field_type=str)  # a MoCo workdir
   c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
   c.data = data_config("image_folder", image_size=256, num_classes=1000)
-  c.data.resize_size = 256              # host: shorter side 256, centre 256x256; views 224
+  c.data.resize_size = 256              # eval: shorter side 256, centre 256x256, centre 224
   c.data.eval_split = "val"
 
-  c.aug = ml_collections.ConfigDict()   # training views, on device; eval center-crops
+  c.aug = ml_collections.ConfigDict()   # training views (flip on device); eval center-crops
   c.aug.scale = (0.08, 1.0)             # RandomResizedCrop's default
   c.aug.p_flip = 0.5
+  # The encoder's crop size (its aug.crop_size, read from the pretrained run).
+  host_views(c, num=1, size=224, scale=c.aug.get_ref("scale"))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.classifier = optim.default_config("sgd")
@@ -366,11 +428,8 @@ def linear_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
 
   c.evals.classification = evaluators.default_config("classification")
-  c.evals.classification.every = 5004   # one ImageNet epoch at batch 256, as main_lincls
-  c.checkpoint.every = 5004
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "val_top1"
-  c.checkpoint.best_mode = "max"
+  evaluate_every(c, 5004, "classification")  # one ImageNet epoch at batch 256, as main_lincls
+  keep_best(c, "val_top1")
   return c
 
 
@@ -400,10 +459,9 @@ def moco_cifar_config(name: str, num_classes: int) -> ml_collections.ConfigDict:
   c.optim.encoder.weight_decay = 5e-4
   c.train.batch_size = 512
   c.train.num_epochs = 200
-  c.evals.knn.every = 97                # one epoch: 50,000 // 512 steps (drop_last)
   c.evals.knn.max_train = 0             # the whole train split as the bank
   c.evals.knn.eval_split = "test"
-  c.checkpoint.every = 97
+  evaluate_every(c, 97, "knn")          # one epoch: 50,000 // 512 steps (drop_last)
   return c
 
 

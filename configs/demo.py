@@ -10,8 +10,10 @@ It runs in minutes on 2 CPU cores (README states the measured time and
 figures). The sample sheets in runs/demo/samples/ (one row per class, EMA G)
 show digits of the row's class by the end; `fd_digits` (Fréchet distance in a
 digits classifier's features, lower is better; not an FID) is evaluated
-twice. Seeds and checkpoints vary widely at this scale, so one run does not
-rank NDA against `:baseline`.
+twice; at the end, `anomaly` gives the AUROC of D(x) between the test digits
+and each NDA of them (jigsaw, stitch, mixup, cutout, cutmix, mosaic). Seeds
+and checkpoints vary widely at this scale, so one run does not rank NDA
+against `:baseline`: README compares 3 seeds of each with `tools.compare`.
 Variants: `:baseline` (alpha=1, beta=0), `:uncond`, `:tiny` (a few
 iterations, for tests).
 """
@@ -47,8 +49,7 @@ def get_config(arg=None):
   c.evals.fd_digits.num_samples = 500
   c.evals.fd_digits.sample_batch_size = 64
   c.checkpoint.every = 500
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "fd_digits"
+  common.keep_best(c, "fd_digits", mode="min")
   common.apply_gan_variants(c, variants & {"baseline"})
   if "uncond" in variants:
     c.model.conditional = False

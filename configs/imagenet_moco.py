@@ -10,9 +10,14 @@ plain MoCo-v2 (nda.enabled=False).
   python -m nda_jax.main --config=configs/imagenet_moco.py \
       --config.data.data_dir=/path/to/imagenet --workdir=runs/in_moco_nda
 
-DATA_DIR holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. The host decodes,
-resizes the shorter side to 256 and keeps the central 256x256 (the aug+ crops
-are drawn from that, on device; torchvision draws them from the full image).
+DATA_DIR holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. Training crops
+(`data.crops='host'`): the data pipeline draws aug+'s two RandomResizedCrop
+boxes (scale 0.2-1, ratio 3/4-4/3) from each original photo, as torchvision
+does, and ships the two 224x224 views (BILINEAR; JPEGs decoded at 1/2-1/8
+size where both boxes allow); the train step does the rest of aug+ (colour
+jitter, grayscale, blur, flip). `--config.data.crops=device` instead crops the
+central 256x256 of the decoded image (shorter side 256) in the step. The kNN
+monitor reads shorter side 256, centre 224.
 Linear evaluation: configs/imagenet_linear.py on the run's workdir.
 
 Expected (linear probe top-1 on ImageNet val, 200 epochs): MoCo-v2 67.5%

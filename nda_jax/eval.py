@@ -2,6 +2,8 @@ r"""Evaluate a run's checkpoint with the evaluators of its config (`config.evals
 
   python -m nda_jax.eval --workdir=runs/demo [--checkpoint=latest|best|STEP] \
       [--only=fd_digits,anomaly] [--config.evals.fd_digits.num_samples=1000 ...]
+  python -m nda_jax.eval --workdir=runs/demo --add=anomaly \
+      [--config.evals.anomaly.ndas="('jigsaw', 'cutout')"]
 
 The run's config (WORKDIR/config.json, brought up to date by
 `config_lib.load_config`: a run from before `config.evals` evaluates too) is
@@ -11,10 +13,16 @@ that names the close ones. Values are parsed as the key's type (tuples as
 `--config.evals.anomaly.synthetic="('uniform_noise',)"`); a key that is None in
 config.json (e.g. `data.data_dir`) takes a string.
 
-`--only` picks evaluators by their name in config.evals (default: all). An
-`anomaly` evaluator with no out-of-distribution set configured scores the run's
-own NDA of the test split and the synthetic sets that need no download (see
-evaluators/anomaly.py).
+`--only` picks evaluators by their name in config.evals (default: all).
+`--add=TYPE[,TYPE]` evaluates a registered evaluator type (`anomaly`, `knn`,
+...; see `evaluators.REGISTRY`) that the run's config does not declare: an
+entry `evals.<TYPE>` with the type's declared defaults joins the config for
+this evaluation only (config.json is not changed; `--config.evals.<TYPE>.<key>`
+overrides it), and only the added evaluators run (with those of `--only`). A
+type the config already declares under that name runs as declared, as with
+`--only=<TYPE>`. An `anomaly` evaluator with no out-of-distribution set
+configured (as `--add=anomaly` adds it) scores the run's own NDA of the test
+split and the synthetic sets that need no download (see evaluators/anomaly.py).
 
 Writes WORKDIR/eval.json ({"step", "checkpoint", "evals": the configs used,
 "metrics"}), the record `eval/<metric>` at the checkpoint's step appended to
@@ -56,46 +64,40 @@ _PROG = "nda_jax.eval"
 
 
 # ------------------------------------------------------------------ the run's config, overridden
-def workdir_from_argv(argv: Sequence[str]) -> str | None:
-  """--workdir's value, read before absl parses (the config flag is defined from that run)."""
-  for i, arg in enumerate(argv):
-    for prefix in ("--workdir=", "-workdir="):
-      if arg.startswith(prefix):
-        return arg[len(prefix):]
-    if arg in ("--workdir", "-workdir") and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+def add_evaluators(config: ml_collections.ConfigDict, types: Sequence[str]
+                   ) -> tuple[list[str], list[str]]:
+  """Adds `evals.<type>` with the type's declared defaults for each type the config lacks.
+
+  Returns (the names to run, those the config already declared). ValueError
+  for a type that is not registered.
+  """
+  names, declared = [], []
+  for type_name in dict.fromkeys(t.strip() for t in types if t.strip()):
+    if type_name in config.evals:
+      declared.append(type_name)
+    elif type_name not in evaluators_lib.REGISTRY:
+      raise ValueError(f"--add={type_name}: not a registered evaluator type"
+                       f"{config_lib.did_you_mean(type_name, evaluators_lib.REGISTRY)}; "
+                       f"registered: {sorted(evaluators_lib.REGISTRY)} (evaluators/__init__.py)")
+    else:
+      config.evals[type_name] = evaluators_lib.default_config(type_name)
+    names.append(type_name)
+  return names, declared
 
 
-def _override_keys(argv: Sequence[str]) -> list[str]:
-  """'evals.fd.num_samples' of every `--config.evals.fd.num_samples=...` in argv."""
-  keys = []
-  for arg in argv:
-    name = arg.lstrip("-").split("=", 1)[0]
-    if arg.startswith("-") and name.startswith(CONFIG_FLAG + "."):
-      keys.append(name[len(CONFIG_FLAG) + 1:])
-  return keys
-
-
-def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+def _check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
   """ValueError for an override of a key the config does not declare, naming the close ones.
 
   A None leaf of config.json (its type lost in JSON) becomes a str-typed
   field, so that it can be overridden at all.
   """
-  for key in _override_keys(argv):
-    node, parts = config, key.split(".")
-    for depth, part in enumerate(parts):
-      where = ".".join([CONFIG_FLAG, *parts[:depth]])
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(f"--{CONFIG_FLAG}.{key}: {where} is a {type(node).__name__}, not a "
-                         f"section")
-      if part not in node:
-        raise ValueError(f"--{CONFIG_FLAG}.{key}: {where} has no key {part!r}"
-                         f"{evaluators_lib.did_you_mean(part, node)}; its keys: {sorted(node)}")
-      if depth == len(parts) - 1 and node[part] is None and node.get_type(part) is type(None):
-        node[part] = ml_collections.FieldReference(None, field_type=str)
-      node = node[part]
+  keys = cli.override_keys(argv, CONFIG_FLAG)
+  config_lib.check_overrides(config, keys, flag=CONFIG_FLAG)
+  for key in keys:
+    *path, leaf = key.split(".")
+    node = functools.reduce(lambda section, part: section[part], path, config)
+    if node[leaf] is None and node.get_type(leaf) is type(None):
+      node[leaf] = ml_collections.FieldReference(None, field_type=str)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -111,7 +113,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """`--config` (locked) with `config` as its value; its overrides are checked first."""
-  check_overrides(config, argv)
+  _check_overrides(config, argv)
   try:
     config_flags.DEFINE_config_dict(CONFIG_FLAG, config, "The run's config (config.json).",
                                     flag_values=flag_values, lock_config=True,
@@ -120,9 +122,12 @@ def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
     raise ValueError(str(e)) from None
 
 
-def parse_config(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The run's config with `--config.<key>=value` overrides, as on the command line."""
+def parse_config(workdir: str, overrides: Sequence[str] = (), add: Sequence[str] = ()
+                 ) -> ml_collections.ConfigDict:
+  """The run's config with the evaluators of `add` (as `--add`) and `--config.<key>=value`
+  overrides, as on the command line."""
   config = load_run_config(workdir)
+  add_evaluators(config, add)
   argv = [_PROG, *overrides]
   flag_values = flags.FlagValues()
   define_config_flag(config, argv, flag_values)
@@ -152,16 +157,23 @@ def resolve_names(config: ml_collections.ConfigDict, only: Sequence[str] | None)
   for name in names:
     if name not in config.evals:
       raise ValueError(f"--only: no evaluator {name!r} in the run's config.evals"
-                       f"{evaluators_lib.did_you_mean(name, config.evals)}; configured: "
+                       f"{config_lib.did_you_mean(name, config.evals)}; configured: "
                        f"{sorted(config.evals)}")
   return names
 
 
 def prepare(workdir: str, checkpoint: str | int = "latest", only: Sequence[str] | None = None,
-            config: ml_collections.ConfigDict | None = None) -> Evaluation:
-  """Loads config, checkpoint and evaluators; every user error surfaces here, before any work."""
+            config: ml_collections.ConfigDict | None = None, add: Sequence[str] = ()
+            ) -> Evaluation:
+  """Loads config, checkpoint and evaluators; every user error surfaces here, before any work.
+
+  `add`: evaluator types to add (as `--add`); then only they and those of `only` run.
+  """
   from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (heavy)
   config = config if config is not None else load_run_config(workdir)
+  if add:
+    added, _ = add_evaluators(config, add)
+    only = list(dict.fromkeys([*(only or ()), *added]))
   # A run without the checkpoint asked for is the first thing to say.
   trainers.read_checkpoint(config, workdir, checkpoint, lambda ckpt, step: step)
   names = resolve_names(config, only)
@@ -231,6 +243,10 @@ def define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None
   flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.")
   flags.DEFINE_list("only", None, "Evaluators to run, by their name in config.evals "
                     "(default: all).")
+  flags.DEFINE_list("add", None, "Registered evaluator types to run on this run although its "
+                    "config does not declare them (e.g. anomaly): added as evals.<type> with "
+                    "the type's defaults, for this evaluation only; then only they (and "
+                    "--only's) run.")
   flags.DEFINE_string("out", None, "Result JSON (default WORKDIR/eval.json).")
   define_config_flag(config, argv)
 
@@ -240,7 +256,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    evaluation = prepare(f.workdir, f.checkpoint, f.only, f[CONFIG_FLAG].value)
+    evaluation = prepare(f.workdir, f.checkpoint, f.only, f[CONFIG_FLAG].value, f.add or ())
   except (FileNotFoundError, ValueError) as e:  # Bad flags or workdir: the message, no traceback.
     raise SystemExit(f"{_PROG}: error: {e}") from None
   result = run(evaluation)
@@ -250,11 +266,17 @@ def main(argv):
 
 
 def _cli() -> None:
-  workdir = workdir_from_argv(sys.argv)
+  workdir = cli.flag_value(sys.argv, "workdir")
   if not workdir:
     sys.exit(f"{_PROG}: error: --workdir=DIR (a run's workdir) is required")
   try:
-    cli.guard(lambda argv: define_flags(load_run_config(workdir), argv), _PROG)(sys.argv)
+    add = (cli.flag_value(sys.argv, "add") or "").split(",")
+    config = load_run_config(workdir)
+    # Before the config flag is defined: its overrides may name the added entries.
+    for name in add_evaluators(config, add)[1]:
+      print(f"{_PROG}: --add={name}: the run's config declares evals.{name}; it runs as "
+            f"declared (as --only={name} would)", file=sys.stderr)
+    cli.guard(lambda argv: define_flags(config, argv), _PROG)(sys.argv)
   except (FileNotFoundError, ValueError) as e:
     print(f"{_PROG}: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -159,3 +159,63 @@ def test_default_sets_only_when_none_configured():
   configured = _anomaly_config(synthetic=("uniform_noise",))
   assert not anomaly.with_default_sets(configured, nda)
   assert configured.ndas == () and configured.synthetic == ("uniform_noise",)
+
+
+def _load_config(name: str, arg=None) -> ml_collections.ConfigDict:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_cifar_configs_declare_the_papers_anomaly_sets(tmp_path):
+  """The CIFAR-10 config's evaluator on a CIFAR-10 test batch and CIFAR-10-C files written here.
+
+  Official layouts: cifar-10-batches-py/test_batch (a pickle of uint8 [N, 3072]
+  planes) and CIFAR-10-C's <corruption>.npy (uint8 [5 N, 32, 32, 3], severity
+  1 first) + labels.npy, for the 19 corruptions of the official code.
+  """
+  import pickle  # pylint: disable=g-import-not-at-top
+  for name in ("cifar10_nda_gan", "cifar100_nda_gan"):
+    entry = _load_config(name).evals.anomaly
+    assert entry.type == "anomaly" and entry.cifar10c_dir is None
+    assert tuple(entry.ndas) == ("jigsaw", "stitch", "mixup", "cutout", "cutmix", "mosaic")
+  assert tuple(_load_config("demo").evals.anomaly.ndas) == tuple(entry.ndas)
+
+  n, rng = 24, np.random.RandomState(0)
+  test = rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+  labels = rng.randint(0, 10, n)
+  folder = tmp_path / "cifar-10-batches-py"
+  folder.mkdir()
+  with open(folder / "test_batch", "wb") as f:
+    pickle.dump({b"data": test.transpose(0, 3, 1, 2).reshape(n, 3072),
+                 b"labels": [int(l) for l in labels]}, f, protocol=2)
+  c10c = tmp_path / "CIFAR-10-C"
+  c10c.mkdir()
+  corrupted = {}
+  for i, corruption in enumerate(anomaly.CIFAR10C_CORRUPTIONS):
+    shift = np.random.RandomState(i).normal(size=(5, n, 1, 1, 1)) * 20 + 8 * np.arange(
+        1, 6)[:, None, None, None, None]
+    corrupted[corruption] = np.clip(test[None] + shift, 0, 255).astype(np.uint8).reshape(
+        5 * n, 32, 32, 3)
+    np.save(c10c / f"{corruption}.npy", corrupted[corruption])
+  np.save(c10c / "labels.npy", np.tile(labels, 5))
+
+  config = _load_config("cifar10_nda_gan")
+  config.data.data_dir = str(tmp_path)
+  entry = config.evals.anomaly
+  entry.cifar10c_dir, entry.batch_size = str(c10c), 16
+  (evaluator,) = evaluators.build(config.evals, config.data, workdir=str(tmp_path),
+                                  only=["anomaly"]).values()
+  # A 'discriminator' that scores dark images high; its NumPy twin gives the reference.
+  results = dict(evaluator.run(score_fn=jax.jit(lambda x, y: -jnp.mean(x, axis=(1, 2, 3)))))
+  score = lambda images: -np.mean(images / 127.5 - 1.0, axis=(1, 2, 3))
+  assert {f"anomaly/nda/{name}" for name in entry.ndas} <= set(results)
+  for corruption, images in corrupted.items():
+    np.testing.assert_allclose(results[f"anomaly/cifar10c/{corruption}"],
+                               _pairwise_auroc(score(test), score(images)), atol=1e-9)
+    np.testing.assert_allclose(results[f"anomaly/cifar10c/{corruption}/s5"],
+                               _pairwise_auroc(score(test), score(images[4 * n:])), atol=1e-9)
+  assert len([k for k in results if k.startswith("anomaly/cifar10c/") and k.count("/") == 2]) == 19

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
@@ -121,6 +123,25 @@ def test_bad_group_sizes_and_frames_are_rejected():
                                        "dpc.candidate_group_size": 2})).validate(8)
   with pytest.raises(ValueError, match="num_frames"):
     trainers.get_method(tiny_config(**{"data.num_frames": 10})).validate(1)
+
+
+@pytest.mark.parametrize("config_file", ["demo_video.py:tiny", "ucf101_dpc.py",
+                                         "demo_video_probe.py", "ucf101_finetune.py"])
+def test_num_frames_follows_overrides_of_the_blocks(config_file):
+  """data.num_frames is derived from model.num_seq x model.seq_len: command-line overrides of
+  either move it, config.json holds the plain number, and an override of it wins."""
+  path = os.path.join(REPO, "configs", config_file)
+  argv = ["prog", f"--config={path}", "--config.model.num_seq=6", "--config.model.seq_len=3"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", path, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  c = flag_values.config
+  assert (c.model.num_seq, c.model.seq_len, c.data.num_frames) == (6, 3, 18)
+  assert json.loads(c.to_json_best_effort())["data"]["num_frames"] == 18
+  c.data.num_frames = 7
+  c.model.num_seq = 2
+  assert c.data.num_frames == 7
 
 
 # ------------------------------------------------------------------ NDA negatives

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nda_jax import cli
 from nda_jax import config_lib
 from nda_jax import eval as eval_lib
 from nda_jax import evaluators
@@ -116,13 +118,79 @@ def test_eval_cli_writes_metrics(demo_run, classifier_cache):
   assert "fd_digits" in proc.stdout and "anomaly/nda/jigsaw" in proc.stdout
 
 
+@pytest.fixture
+def run_without_anomaly(demo_run, tmp_path) -> str:
+  """A copy of the demo run whose config declares fd_digits only (as the README's demo run)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(demo_run, workdir, ignore=shutil.ignore_patterns("eval*", "anomaly"))
+  config = config_lib.load_config(workdir)
+  del config.evals["anomaly"]
+  config_lib.write_config(config, workdir)
+  return workdir
+
+
+def test_eval_add_runs_a_registered_evaluator_the_run_lacks(run_without_anomaly,
+                                                            classifier_cache):
+  workdir = run_without_anomaly
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    config_bytes = f.read()
+  proc = _eval_cli(f"--workdir={workdir}", "--add=anomaly",
+                   "--config.evals.anomaly.max_examples=48",
+                   "--config.evals.anomaly.ndas=('jigsaw', 'cutout')", env=classifier_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    result = json.load(f)
+  # Only the added evaluator ran, with the type's declared defaults and the overrides.
+  want = evaluators.default_config("anomaly").to_dict()
+  want.update(max_examples=48, ndas=["jigsaw", "cutout"])
+  assert result["evals"] == {"anomaly": json.loads(json.dumps(want))}
+  assert set(result["metrics"]) == {"anomaly/nda/jigsaw", "anomaly/nda/cutout"}
+  assert all(0.0 <= v <= 1.0 for v in result["metrics"].values()), result
+  with open(os.path.join(workdir, "anomaly", "anomaly.json")) as f:
+    rows = {r["set"]: r for r in json.load(f)["rows"]}
+  assert {k: rows[k.split("/", 1)[1]]["auroc"] for k in result["metrics"]} == result["metrics"]
+  assert common.read_metrics(workdir, eval_lib.METRICS_FILE)[-1] == {
+      "step": STEPS, **{"eval/" + k: v for k, v in result["metrics"].items()}}
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    assert f.read() == config_bytes                  # the run's config is not changed
+
+
+def test_eval_add_of_a_declared_evaluator_runs_it_as_declared(demo_run, tmp_path,
+                                                              classifier_cache):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(demo_run, workdir, ignore=shutil.ignore_patterns("eval*", "anomaly"))
+  proc = _eval_cli(f"--workdir={workdir}", "--add=anomaly",
+                   "--config.evals.anomaly.synthetic=('uniform_noise',)", env=classifier_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ("nda_jax.eval: --add=anomaly: the run's config declares evals.anomaly; it runs as "
+          "declared (as --only=anomaly would)") in proc.stderr
+  with open(os.path.join(workdir, "eval.json")) as f:
+    result = json.load(f)
+  assert set(result["evals"]) == {"anomaly"}                     # not fd_digits
+  assert result["evals"]["anomaly"]["max_examples"] == eval_entries().anomaly.max_examples
+  assert set(result["metrics"]) == {"anomaly/synthetic/uniform_noise"}
+
+
+def test_eval_add_of_an_unknown_type_is_one_paragraph(run_without_anomaly, classifier_cache):
+  before = sorted(os.listdir(run_without_anomaly))
+  proc = _eval_cli(f"--workdir={run_without_anomaly}", "--add=anomly", env=classifier_cache,
+                   timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == (
+      "nda_jax.eval: error: --add=anomly: not a registered evaluator type (did you mean "
+      f"'anomaly'?); registered: {sorted(evaluators.REGISTRY)} (evaluators/__init__.py)")
+  assert sorted(os.listdir(run_without_anomaly)) == before
+  with pytest.raises(ValueError, match="needs \\['embed_fn'\\]; trainer 'gan' provides"):
+    eval_lib.prepare(run_without_anomaly, add=["knn"])
+
+
 def test_eval_cli_rejects_undeclared_keys_in_one_line(demo_run, classifier_cache):
   proc = _eval_cli(f"--workdir={demo_run}", "--config.evals.fd_digits.num_sampels=10",
                    env=classifier_cache, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       "nda_jax.eval: error: --config.evals.fd_digits.num_sampels: config.evals.fd_digits has "
-      "no key 'num_sampels' (did you mean 'num_samples'?); its keys: " +
+      "no key 'num_sampels' (did you mean --config.evals.fd_digits.num_samples?); its keys: " +
       str(sorted(eval_entries().fd_digits)))
   assert "Traceback" not in proc.stderr
   proc = _eval_cli(f"--workdir={demo_run}", "--set=eval.num_samples=10", env=classifier_cache,
@@ -163,9 +231,10 @@ def test_config_overrides_are_declared_typed_and_used(demo_run, classifier_cache
 
 @pytest.mark.parametrize("override, match", [
     ("--config.evals.fd_digits.num_sampels=10",
-     r"config.evals.fd_digits has no key 'num_sampels' \(did you mean 'num_samples'\?\)"),
+     r"config.evals.fd_digits has no key 'num_sampels' "
+     r"\(did you mean --config.evals.fd_digits.num_samples\?\)"),
     ("--config.evals.fd_digit.num_samples=10",
-     r"config.evals has no key 'fd_digit' \(did you mean 'fd_digits'\?\)"),
+     r"config.evals has no key 'fd_digit' \(did you mean --config.evals.fd_digits.num_samples\?\)"),
     ("--config.evals.fd_digits.num_samples.x=1", "config.evals.fd_digits.num_samples is a int"),
     ("--config.evals.fd_digits.num_samples=many", "invalid literal for int"),
 ])
@@ -176,9 +245,10 @@ def test_config_override_errors(demo_run, override, match):
 
 def test_workdir_is_read_before_the_flags():
   argv = ["eval", "--checkpoint=best", "--workdir", "/runs/a", "--config.evals.x.k=1"]
-  assert eval_lib.workdir_from_argv(argv) == "/runs/a"
-  assert eval_lib.workdir_from_argv(["eval", "--workdir=/runs/b"]) == "/runs/b"
-  assert eval_lib.workdir_from_argv(["eval", "--only=x"]) is None
+  assert cli.flag_value(argv, "workdir") == "/runs/a"
+  assert cli.flag_value(["eval", "--workdir=/runs/b"], "workdir") == "/runs/b"
+  assert cli.flag_value(["eval", "--only=x"], "workdir") is None
+  assert cli.flag_value(["eval", "--add=knn", "--add", "anomaly"], "add") == "anomaly"   # as absl
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

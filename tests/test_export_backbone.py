@@ -76,13 +76,14 @@ def test_detectron2_names():
 
 
 @pytest.mark.parametrize("stem,width,fmt,words", [
-    ("cifar", 64, "torchvision", "'imagenet' stem"), ("imagenet", 32, "detectron2", "64-wide"),
+    ("cifar", 64, "detectron2", "'imagenet' stem"), ("imagenet", 32, "detectron2", "64-wide"),
     ("imagenet", 64, "onnx", "valid choices")])
 def test_unrepresentable_backbones_are_refused(stem, width, fmt, words):
   with pytest.raises(ValueError, match=words):
     backbone.check_exportable(stem, width, fmt)
   backbone.check_exportable("imagenet", 64, "detectron2")
   backbone.check_exportable("imagenet", 16, "torchvision")
+  backbone.check_exportable("cifar", 16, "torchvision")  # detection.torch_resnet runs it
 
 
 def _moco_workdir(path, stem, width):
@@ -120,9 +121,9 @@ def test_export_command(tmp_path):
     backbone.export(str(run), "latest", "detectron2", str(tmp_path / "r.pkl"))
 
   _moco_workdir(tmp_path / "cifar", "cifar", width=4)
-  out = tmp_path / "cifar.pth"
+  out = tmp_path / "cifar.pkl"
   r = subprocess.run([sys.executable, "-m", "nda_jax.exporters.backbone",
-                      f"--workdir={tmp_path / 'cifar'}", "--format=torchvision", f"--out={out}"],
+                      f"--workdir={tmp_path / 'cifar'}", "--format=detectron2", f"--out={out}"],
                      capture_output=True, text=True, check=False)
   assert r.returncode == 1 and "'imagenet' stem" in r.stderr and "Traceback" not in r.stderr
   assert not out.exists()

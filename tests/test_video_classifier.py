@@ -277,7 +277,7 @@ def test_finetune_moves_encoder_and_convgru_at_a_tenth_of_the_head_lr(dpc_run):
   dp = parallel.DataParallel()
   data = pipeline.make_train_iterator(config.data, 16, 0)
   try:
-    batch = dp.shard_batch(method.layout(next(data)))
+    batch = dp.shard_batch(method.step_batch(next(data)))
   finally:
     data.close()
   before = jax.device_get(state)

@@ -49,6 +49,7 @@ from nda_jax.augment.keys import sample_keys
 Size = int | tuple[int, int]
 
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+DEFAULT_RATIO = (3 / 4, 4 / 3)  # its default aspect ratios
 _VALID_CHANNELS = (1, 3)
 
 
@@ -223,7 +224,7 @@ def _crop_op(out_hw: tuple[int, int], scale: Sequence[float],
 
 def sample_crop_boxes(rng: jax.Array, batch_size: int, height: int,
                       width: int, *, scale: Sequence[float] = (0.2, 1.0),
-                      ratio: Sequence[float] = (3 / 4, 4 / 3)) -> jax.Array:
+                      ratio: Sequence[float] = DEFAULT_RATIO) -> jax.Array:
   """The int32 `[B, 4]` boxes (top, left, h, w) `random_resized_crop` uses."""
   scale = _check_interval("scale", scale, 0.0, math.inf)
   ratio = _check_interval("ratio", ratio, 1e-9, math.inf)
@@ -233,7 +234,7 @@ def sample_crop_boxes(rng: jax.Array, batch_size: int, height: int,
 
 def random_resized_crop(rng: jax.Array, images: jax.Array, out_size: Size, *,
                         scale: Sequence[float] = (0.2, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> jax.Array:
+                        ratio: Sequence[float] = DEFAULT_RATIO) -> jax.Array:
   """torchvision RandomResizedCrop: `[B,H,W,C]` -> `[B,*out_size,C]`."""
   return _apply(rng, images, _crop_op(_size_hw(out_size), scale, ratio),
                 video=False)
@@ -429,13 +430,13 @@ def gaussian_blur(rng: jax.Array, images: jax.Array, *,
 def _mocov2_op(out_size: Size, scale: Sequence[float], ratio: Sequence[float],
                jitter: Sequence[float], p_jitter: float, p_gray: float,
                blur_sigma: Sequence[float], blur_kernel_size: int | None,
-               p_blur: float, p_flip: float) -> _Op:
+               p_blur: float, p_flip: float, crop: bool = True) -> _Op:
   """The aug+ pipeline for one image (or one draw shared by a clip)."""
   out_hw = _size_hw(out_size)
   # The blur runs after the crop, so its kernel follows the output size.
   kernel_size = _check_kernel_size(blur_kernel_size, *out_hw)
   return _compose((
-      _crop_op(out_hw, scale, ratio),
+      *([_crop_op(out_hw, scale, ratio)] if crop else []),
       _random_apply(_check_prob("p_jitter", p_jitter), _jitter_op(jitter)),
       _random_apply(_check_prob("p_gray", p_gray), _GRAYSCALE),
       _random_apply(_check_prob("p_blur", p_blur),
@@ -446,25 +447,30 @@ def _mocov2_op(out_size: Size, scale: Sequence[float], ratio: Sequence[float],
 
 def mocov2_aug(rng: jax.Array, images: jax.Array, out_size: Size, *,
                scale: Sequence[float] = (0.2, 1.0),
-               ratio: Sequence[float] = (3 / 4, 4 / 3),
+               ratio: Sequence[float] = DEFAULT_RATIO,
                jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
                p_jitter: float = 0.8, p_gray: float = 0.2,
                blur_sigma: Sequence[float] = (0.1, 2.0),
                blur_kernel_size: int | None = None, p_blur: float = 0.5,
-               p_flip: float = 0.5) -> jax.Array:
+               p_flip: float = 0.5, crop: bool = True) -> jax.Array:
   """MoCo-v2 aug+ view of each image: `[B,H,W,C]` -> `[B,*out_size,C]`.
 
   Call it twice with different keys for the query and key views. Defaults
   are MoCo's; `blur_kernel_size=None` means ~10% of the output side.
+  `crop=False`: the images are crops already (made on the host from the
+  original photos, data/crops.py), of out_size; the rest of aug+ follows.
   """
+  if not crop and tuple(images.shape[1:3]) != _size_hw(out_size):
+    raise ValueError(f"crop=False takes views of out_size {out_size}; got images "
+                     f"{images.shape}.")
   op = _mocov2_op(out_size, scale, ratio, jitter, p_jitter, p_gray,
-                  blur_sigma, blur_kernel_size, p_blur, p_flip)
+                  blur_sigma, blur_kernel_size, p_blur, p_flip, crop)
   return _apply(rng, images, op, video=False)
 
 
 def mocov2_aug_video(rng: jax.Array, clips: jax.Array, out_size: Size, *,
                      scale: Sequence[float] = (0.2, 1.0),
-                     ratio: Sequence[float] = (3 / 4, 4 / 3),
+                     ratio: Sequence[float] = DEFAULT_RATIO,
                      jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
                      p_jitter: float = 0.8, p_gray: float = 0.2,
                      blur_sigma: Sequence[float] = (0.1, 2.0),

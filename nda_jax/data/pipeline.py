@@ -12,6 +12,13 @@ grain's DataLoader is not used for training: its per-record bookkeeping costs
 more than a GPU step per batch (README, "Measured"). Turning host batches into
 one global jax.Array is parallel.py's job.
 
+Random crops (`cfg.crops`): 'device' (the default) leaves them to the
+trainer, which crops the decoded example; 'host' (image folders) makes
+`cfg.views` = {num, size, scale, ratio} RandomResizedCrops of the original
+image per training example (crops.py), uint8 [num, size, size, 3], drawn from
+(seed, epoch, record index) so a restored position and any worker count give
+the same views. Eval splits are decoded as always.
+
 Eval: one deterministic pass over a split; the last batch is padded and
 `mask` marks real examples, so every example counts exactly once and every
 process yields the same number of batches.
@@ -31,6 +38,7 @@ import grain.python as gp
 import ml_collections
 import numpy as np
 
+from nda_jax.data import crops
 from nda_jax.data import sources
 
 Batch = dict[str, np.ndarray]
@@ -75,12 +83,13 @@ def _check_batch(batch: Batch, size: int, shape: tuple[int, ...]) -> Batch:
 class TrainIterator(Iterator[Batch]):
   """Yields {'image': uint8 [b, *element_shape], 'label': int32 [b]}."""
 
-  def __init__(self, dataset: grain.IterDataset, source: sources.Source, batch_size: int):
+  def __init__(self, dataset: grain.IterDataset, source: sources.Source, batch_size: int,
+               element_shape: tuple[int, ...]):
     self._iter = iter(dataset)
     self.source = source
     self.batch_size = batch_size
     self.num_classes = source.num_classes
-    self.element_shape = tuple(source.element_shape)
+    self.element_shape = tuple(element_shape)
 
   def __next__(self) -> Batch:
     return _check_batch(next(self._iter), self.batch_size, self.element_shape)
@@ -126,16 +135,57 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, global_batch_size: int,
     raise ValueError(f"{source!r} gives each of {process_count} processes fewer "
                      f"than one batch of {batch_size} per epoch.")
   start = process_index * per_process
-  dataset = (grain.MapDataset.source(source)[start:start + per_process]
-             .shuffle(seed=int(seed) % 2**32)
-             .repeat(num_epochs)
-             .batch(batch_size, drop_remainder=True)
+  spec = view_spec(cfg)
+  if spec is None:
+    dataset = grain.MapDataset.source(source)[start:start + per_process]
+  else:
+    if not hasattr(source, "views"):
+      raise ValueError(f"config.data.crops='host' crops the original images of an image "
+                       f"folder; {source!r} holds decoded arrays: use "
+                       "--config.data.crops=device.")
+    dataset = grain.MapDataset.range(start, start + per_process)
+  dataset = dataset.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
+  if spec is not None:
+    dataset = dataset.map_with_index(_HostViews(source, spec, seed, per_process))
+  dataset = (dataset.batch(batch_size, drop_remainder=True)
              .to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 1),
                                                 prefetch_buffer_size=2)))
   workers = _worker_count(cfg)
   if workers:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return TrainIterator(dataset, source, batch_size)
+  return TrainIterator(dataset, source, batch_size,
+                       source.element_shape if spec is None else spec.shape)
+
+
+CROPS = ("device", "host")
+
+
+def view_spec(cfg: ml_collections.ConfigDict) -> crops.ViewSpec | None:
+  """The host crops of `cfg` (data config), None when the trainer crops on device."""
+  where = cfg.get("crops", "device")
+  if where not in CROPS:
+    raise ValueError(f"config.data.crops={where!r}; valid choices: {CROPS}.")
+  if where == "device":
+    return None
+  views = cfg.get("views")
+  if views is None:
+    raise ValueError("config.data.crops='host' needs config.data.views "
+                     "(num, size, scale, ratio).")
+  return crops.ViewSpec(num=int(views.num), size=int(views.size),
+                        scale=tuple(float(v) for v in views.scale),
+                        ratio=tuple(float(v) for v in views.ratio))
+
+
+class _HostViews:
+  """(position in the stream, record index) -> the record's host views in that epoch."""
+
+  def __init__(self, source: sources.ImageFolderSource, spec: crops.ViewSpec, seed: int,
+               per_epoch: int):
+    self._source, self._spec, self._seed, self._per_epoch = source, spec, seed, per_epoch
+
+  def __call__(self, position: int, index: int) -> Batch:
+    rng = crops.example_rng(self._seed, position // self._per_epoch, index)
+    return self._source.views(int(index), self._spec, rng)
 
 
 class _EvalBatches:

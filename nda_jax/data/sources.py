@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from nda_jax.data import cifar
+from nda_jax.data import crops
 from nda_jax.data import digits
 from nda_jax.data import image_folder
 from nda_jax.data import video_frames
@@ -94,6 +95,11 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> Example:
     return {"image": image_folder.decode(self._paths[index], *self._size),
+            "label": self._labels[index]}
+
+  def views(self, index: int, spec: crops.ViewSpec, rng: np.random.Generator) -> Example:
+    """Example `index` as `spec.num` random crops of the original image (crops.py)."""
+    return {"image": crops.decode_views(self._paths[index], spec, rng),
             "label": self._labels[index]}
 
   def __repr__(self) -> str:

@@ -67,51 +67,63 @@ class FeatureExtractor:
     self._sharding = NamedSharding(self.mesh, P(parallel.AXIS))
     self._variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
 
-    def per_device(variables, images, mask):
+    def per_device(variables, images, mask, labels):
       x = to_unit_range(images, quantize)
       if x.shape[-1] == 1 and channels != 1:
         x = jnp.repeat(x, channels, axis=-1)
       out = dict(apply_fn(variables, x))
-      out["mask"] = mask
+      out["mask"], out["label"] = mask, labels
       return jax.tree.map(lambda a: jax.lax.all_gather(a, parallel.AXIS, tiled=True), out)
 
     batch = P(parallel.AXIS)
-    self._fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), batch, batch),
+    self._fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), batch, batch, batch),
                                      out_specs=P(), check_vma=False))
 
-  def _run(self, images: np.ndarray, mask: np.ndarray) -> Features:
-    """One padded batch of exactly `batch_size` images -> this batch's valid features."""
+  def _run(self, images: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> Features:
+    """One padded batch of exactly `batch_size` images -> this batch's valid features
+    (and their labels under 'label', gathered with them)."""
     put = lambda a: jax.make_array_from_process_local_data(self._sharding, a)
     precision = (jax.default_matmul_precision(self.precision) if self.precision
                  else contextlib.nullcontext())
     with precision:
-      out = self._fn(self._variables, put(images), put(mask))
+      out = self._fn(self._variables, put(images), put(mask), put(labels))
     out = jax.device_get(out)   # Blocks: CPU collectives must not queue up.
     keep = out.pop("mask")
     return {k: v[keep] for k, v in out.items()}
 
-  def batch_features(self, images: np.ndarray, mask: np.ndarray | None = None) -> Features:
-    """Features of `images` [N, H, W, C] (any N; `mask` False rows are dropped)."""
+  def batch_features(self, images: np.ndarray, mask: np.ndarray | None = None,
+                     labels: np.ndarray | None = None) -> Features:
+    """Features of `images` [N, H, W, C] (any N; `mask` False rows are dropped); with
+    `labels` [N], their labels too (key 'label', in the features' order)."""
     images = np.asarray(images)
     chex.assert_rank(images, 4)
     mask = np.ones(len(images), bool) if mask is None else np.asarray(mask, bool)
+    y = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
     chunks = []
     for start in range(0, len(images), self.batch_size):
       x = images[start:start + self.batch_size]
       m = mask[start:start + self.batch_size]
+      c = y[start:start + self.batch_size]
       pad = self.batch_size - len(x)
       if pad:
         x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
         m = np.concatenate([m, np.zeros(pad, bool)])
-      chunks.append(self._run(x, m))
+        c = np.concatenate([c, np.zeros(pad, np.int32)])
+      chunks.append(self._run(x, m, c))
     if not chunks:
       raise ValueError("No images to embed.")
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    if labels is None:
+      del out["label"]
+    return out
 
-  def iterate(self, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Features]:
-    """Features of each {'image', optional 'mask'} batch (e.g. an `EvalData` pass)."""
+  def iterate(self, batches: Iterable[Mapping[str, np.ndarray]],
+              labels: bool = False) -> Iterator[Features]:
+    """Features of each {'image', optional 'mask', 'label'} batch (e.g. an `EvalData`
+    pass); with `labels`, each batch's labels under 'label'."""
     for batch in batches:
-      yield self.batch_features(batch["image"], batch.get("mask"))
+      yield self.batch_features(batch["image"], batch.get("mask"),
+                                batch["label"] if labels else None)
 
 
 def gaussian_stats(feature_batches: Iterable[Features], key: str,

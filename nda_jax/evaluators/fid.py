@@ -40,6 +40,12 @@ Inception and of the digits classifier go to two `config.evals` entries):
                      ('legacy_tensorflow') behind TTUR's and the paper's FIDs.
   is_splits          Inception Score splits.
   kid_subsets, kid_subset_size   KID subsets.
+  intra_class        also the intra-class Fréchet distance of each 'fid' / 'fd_digits'
+                     metric (StudioGAN's IFID, for conditional models): per class c,
+                     samples of class c (sample_fn(rng, n, labels=[c] * n)) against
+                     the reference images of class c; yields `intra_<metric>` (the
+                     mean over the data's num_classes) and `intra_<metric>/<c>`.
+  intra_per_class    samples per class (0: as many as the reference has of the class).
   nearest_k          the k of all four PRDC metrics (5, as StudioGAN passes to
                      `prdc`; the precision/recall paper used 3). PRDC and KID use
                      the same reference features (ref_num, default num_samples).
@@ -164,6 +170,8 @@ class SampleQualityEvaluator:
         "kid_subsets": 100,
         "kid_subset_size": 1000,
         "nearest_k": 5,
+        "intra_class": False,
+        "intra_per_class": 0,
     })
 
   def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, *,
@@ -183,6 +191,13 @@ class SampleQualityEvaluator:
         raise ValueError(f"{key}={cfg[key]}: too small")
     if cfg.truncation < 0:
       raise ValueError(f"truncation={cfg.truncation}: use a threshold > 0, or 0 for none")
+    if cfg.intra_class:
+      if "fd" not in {METRICS[n][1] for n in self.metric_names}:
+        raise ValueError(f"intra_class=True needs a Fréchet-distance metric ('fid' or "
+                         f"'fd_digits') in metrics={self.metric_names}")
+      if data_cfg.get("num_classes", 1) < 2:
+        raise ValueError("intra_class=True needs labelled data with num_classes >= 2 (and a "
+                         "conditional model)")
     self.workdir = workdir
     self.net = FEATURE_NETS[self.network](cfg)
     self.extractor = features_lib.FeatureExtractor(
@@ -225,6 +240,24 @@ class SampleQualityEvaluator:
           metrics.save_stats(cache, *self._reference["stats"])
     return self._reference["stats"]
 
+  def reference_class_stats(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{class: (mu, sigma)} of the reference split's images of each class (kept, not cached)."""
+    if "classes" not in self._reference:
+      from nda_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # heavy (grain)
+      batches = pipeline.make_eval_iterator(self.data_cfg, self.ref_split,
+                                            self.extractor.batch_size * jax.process_count())
+      stats = {c: metrics.GaussianStats() for c in range(self.data_cfg.num_classes)}
+      for feats in self.extractor.iterate(batches, labels=True):
+        for c, gaussian in stats.items():
+          gaussian.update(feats[self.net.features_key][feats["label"] == c])
+      few = {c: g.count for c, g in stats.items() if g.count < 2}
+      if few:
+        raise ValueError(f"intra_class: the {self.ref_split!r} split has fewer than 2 images "
+                         f"of classes {few} (class: count)")
+      self._reference["classes"] = {c: (g.mu, g.sigma) for c, g in stats.items()}
+      self._reference["class_counts"] = {c: g.count for c, g in stats.items()}
+    return self._reference["classes"]
+
   def reference_features(self) -> np.ndarray:
     """Features of (at most `ref_num`, default `num_samples`) reference images, for KID."""
     if "features" not in self._reference:
@@ -257,12 +290,35 @@ class SampleQualityEvaluator:
         samples.logits.append(feats[self.net.logits_key])
     for name in self.metric_names:
       yield from self._statistics[METRICS[name][1]](self, name, samples)
+    if cfg.intra_class:
+      yield from self._intra_class(sample_fn)
     logging.info("%s metrics of %d samples in %.1f s", self.network, samples.gaussian.count,
                  time.time() - start)
 
   def _fd(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
     g = samples.gaussian
     yield name, metrics.frechet_distance(g.mu, g.sigma, *self.reference_stats())
+
+  def _intra_class(self, sample_fn: SampleFn) -> Iterator[tuple[str, float]]:
+    """Per class: samples of that class against the reference images of that class."""
+    reference = self.reference_class_stats()
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), 1)   # not the main samples' key
+    fake = {}
+    for c in reference:
+      num = self.cfg.intra_per_class or self._reference["class_counts"][c]
+      of_class = lambda rng, n, c=c: sample_fn(rng, n, labels=np.full(n, c, np.int32))
+      batches = features_lib.sample_batches(of_class, jax.random.fold_in(key, c), num,
+                                            self.cfg.sample_batch_size,
+                                            self.extractor.batch_size)
+      stats = features_lib.gaussian_stats(self.extractor.iterate(batches),
+                                          self.net.features_key)
+      fake[c] = (stats.mu, stats.sigma)
+    mean, per_class = metrics.intra_class_frechet(fake, reference)
+    for name in self.metric_names:
+      if METRICS[name][1] == "fd":
+        yield f"intra_{name}", mean
+        for c, value in per_class.items():
+          yield f"intra_{name}/{c}", value
 
   def _is(self, name: str, samples: _SampleFeatures) -> Iterator[tuple[str, float]]:
     mean, std = metrics.inception_score(np.concatenate(samples.logits), self.cfg.is_splits)

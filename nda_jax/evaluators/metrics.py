@@ -16,6 +16,7 @@ comparable with published ones:
 Statistics files are `.npz` with `mu` [D] and `sigma` [D, D], the TTUR and
 pytorch-fid format, so their published files load as they are.
 """
+from collections.abc import Mapping
 import io
 
 from etils import epath
@@ -97,6 +98,18 @@ class GaussianStats:
   def _check(self, minimum: int) -> None:
     if self.count < minimum:
       raise ValueError(f"Need at least {minimum} feature vectors, have {self.count}.")
+
+
+def intra_class_frechet(fake: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                        real: Mapping[int, tuple[np.ndarray, np.ndarray]]
+                        ) -> tuple[float, dict[int, float]]:
+  """StudioGAN's intra-class FID: the mean over classes of the Fréchet distance between
+  the class's generated and real (mu, sigma); returns (mean, {class: distance})."""
+  if sorted(fake) != sorted(real) or not fake:
+    raise ValueError(f"classes of the samples {sorted(fake)} and of the reference "
+                     f"{sorted(real)} differ")
+  per_class = {c: frechet_distance(*fake[c], *real[c]) for c in sorted(fake)}
+  return float(np.mean(list(per_class.values()))), per_class
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

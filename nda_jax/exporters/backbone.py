@@ -10,9 +10,13 @@
   ResNet names (`stem.conv1`, `res2.0.conv1`, `.norm.` for BN, `shortcut`), which
   Detectron2's checkpointer matches to R50-C4 / FPN backbones.
 
-Both keep torchvision's stem (7x7/2 conv + max-pool); the 'cifar' stem has the
-same keys but no max-pool and a 3x3 conv, which neither engine's ResNet runs,
-so it is refused rather than exported under names that would load wrongly.
+'torchvision' holds every backbone of `models.resnet`: torchvision's own
+`resnet18/34/50` load the 'imagenet' stem at width 64, and
+`detection.torch_resnet` (the same keys, torchvision's blocks) any stem and
+width, read off the file's shapes; a 'cifar' stem (3x3 conv) or another width
+cannot load into torchvision's class by mistake, its shapes differ. Detectron2's
+ResNet runs only the 'imagenet' stem at width 64 (its configs build that), so
+'detectron2' refuses the others rather than write names that would load wrongly.
 
 Command line (a MoCo run's, or an imported release's, query-encoder backbone):
 
@@ -39,13 +43,16 @@ def check_exportable(stem: str, width: int, fmt: str) -> None:
   """ValueError (one paragraph) for a backbone `fmt`'s ResNet cannot represent."""
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}; valid choices: {FORMATS}")
+  if fmt == "torchvision":
+    return
   if stem != "imagenet":
     raise ValueError(
-        f"the backbone has the {stem!r} stem (3x3/1 conv, no max-pool); torchvision's and "
-        f"Detectron2's ResNets run the 'imagenet' stem (7x7/2 conv, max-pool), so its "
-        f"weights would load under the right names into the wrong network. Export a run "
-        f"trained with config.model.stem='imagenet'.")
-  if fmt == "detectron2" and width != 64:
+        f"the backbone has the {stem!r} stem (3x3/1 conv, no max-pool); Detectron2's "
+        f"ResNet runs the 'imagenet' stem (7x7/2 conv, max-pool), so its weights would "
+        f"load under the right names into the wrong network. Use --format=torchvision "
+        f"(nda_jax.detection.torch_resnet runs any stem), or export a run trained with "
+        f"config.model.stem='imagenet'.")
+  if width != 64:
     raise ValueError(
         f"the backbone is {width} channels wide; MoCo's Detectron2 configs build the "
         f"standard 64-wide ResNet (MODEL.RESNETS.STEM_OUT_CHANNELS=64), whose checkpointer "

@@ -1,4 +1,5 @@
 """What every trainer shares: the metrics writer and the progress line."""
+import contextlib
 import json
 import threading
 import time
@@ -31,11 +32,13 @@ class MetricWriter:
     # A bucket's objects cannot be appended to (gcsfs silently overwrites): there
     # the file is rewritten with every record.
     self._lines = None
+    self._continued = ""
     if self._active:
       self._path.parent.mkdir(parents=True, exist_ok=True)
       text = _complete_lines(self._path)
       if start_step is not None:
         text = _drop_records_after(self._path, text, start_step)
+      self._continued = text
       if not workdir_lib.is_local(workdir):
         self._lines = [text] if text else []
       self._tb = _summary_writer(str(workdir_lib.path(workdir) / tensorboard))
@@ -54,6 +57,17 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
+
+  def last_value(self, key: str) -> float | None:
+    """`key` in the newest record of the run this one continues (None: none, or not process 0)."""
+    for line in reversed(self._continued.splitlines()):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and key in record:
+        return float(record[key])
+    return None
 
   def close(self) -> None:
     if self._tb is not None:
@@ -209,26 +223,66 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Measures throughput between log points and formats the one-line progress log."""
+  """Throughput, input waits and device-hours between log points, and the progress line.
 
-  def __init__(self, total_steps: int, examples_per_step: int, first_step: int):
+  The loop takes each host batch through `next_batch`, so the time it waited on
+  the input pipeline is known; time in `paused()` (evaluation, checkpoints,
+  artifacts) counts towards device-hours but not towards a step's time.
+  Device-hours are all the devices' time since the run began, carried over a
+  resume through `device_hours` (big_vision's core_hours).
+  """
+
+  def __init__(self, total_steps: int, examples_per_step: int, first_step: int,
+               num_devices: int, device_hours: float = 0.0):
     self.total_steps = total_steps
     self.examples_per_step = examples_per_step
+    self.num_devices = num_devices
+    self.device_hours = device_hours
     self._t = time.perf_counter()
     self._step = first_step
+    self._waited = 0.0
+    self._paused = 0.0
+
+  def next_batch(self, iterator):
+    start = time.perf_counter()
+    try:
+      return next(iterator)
+    finally:
+      self._waited += time.perf_counter() - start
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
 
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    steps = max(step - self._step, 1)
-    sec_per_step = (now - self._t) / steps
-    self._t, self._step = now, step
-    return {"img_per_sec": self.examples_per_step / sec_per_step,
-            "sec_per_step": sec_per_step,
-            "eta_sec": (self.total_steps - step) * sec_per_step}
+    wall = now - self._t
+    stepping = max(wall - self._paused, 1e-9)
+    sec_per_step = stepping / max(step - self._step, 1)
+    self.device_hours += wall * self.num_devices / 3600
+    img_per_sec = self.examples_per_step / sec_per_step
+    scalars = {"img_per_sec": img_per_sec,
+               "img_per_sec_per_device": img_per_sec / self.num_devices,
+               "sec_per_step": sec_per_step,
+               "input_wait_fraction": min(self._waited / stepping, 1.0),
+               "device_hours": self.device_hours,
+               "eta_sec": (self.total_steps - step) * sec_per_step}
+    self._t, self._step, self._waited, self._paused = now, step, 0.0, 0.0
+    return scalars
 
   @staticmethod
   def line(step: int, total: int, scalars: Mapping[str, float]) -> str:
-    rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())
-                    if k not in ("img_per_sec", "eta_sec", "sec_per_step"))
-    return (f"step {step}/{total} | {scalars.get('img_per_sec', 0):.1f} img/s | "
+    rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()) if k not in _SHOWN)
+    return (f"step {step}/{total} | {scalars.get('img_per_sec', 0):.1f} img/s "
+            f"({scalars.get('img_per_sec_per_device', 0):.1f}/device) | "
+            f"input wait {scalars.get('input_wait_fraction', 0):.0%} | "
+            f"{scalars.get('device_hours', 0):.3g} device-h | "
             f"ETA {format_duration(scalars.get('eta_sec', float('nan')))} | {rest}")
+
+
+_SHOWN = ("img_per_sec", "img_per_sec_per_device", "input_wait_fraction", "device_hours",
+          "eta_sec", "sec_per_step")

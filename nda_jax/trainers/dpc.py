@@ -229,7 +229,7 @@ class DPC(method_lib.Method):
     return DPCState(step=jnp.zeros((), jnp.int32), rng=train_key, params=params,
                     batch_stats=variables["batch_stats"], opt=self.optimizer().init(params))
 
-  def layout(self, host_batch: method_lib.Batch) -> method_lib.Batch:
+  def step_batch(self, host_batch: method_lib.Batch) -> method_lib.Batch:
     return {"image": host_batch["image"]}
 
   def make_step(self) -> method_lib.StepFn:

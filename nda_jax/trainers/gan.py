@@ -149,7 +149,7 @@ class GAN(method_lib.Method):
         ema_params=jax.tree.map(jnp.copy, g_vars["params"]),
         ema_stats=jax.tree.map(jnp.copy, g_vars.get("batch_stats", {})))
 
-  def layout(self, host_batch: method_lib.Batch) -> method_lib.Batch:
+  def step_batch(self, host_batch: method_lib.Batch) -> method_lib.Batch:
     """[num_d_steps * B, ...] -> [num_d_steps, B, ...]: one real batch per D step."""
     num_d = self.config.train.num_d_steps
     return {k: host_batch[k].reshape((num_d, -1) + host_batch[k].shape[1:])
@@ -324,13 +324,20 @@ def latents(key: jax.Array, num: int, dim_z: int, truncation: float = 0.0) -> ja
 
 
 def _sample_for_eval(config, sampler, state, rng: jax.Array, num: int,
-                     truncation: float = 0.0) -> np.ndarray:
+                     truncation: float = 0.0, labels: np.ndarray | None = None) -> np.ndarray:
   """`num` EMA samples drawn as one batch: G's BN statistics over the `num` samples, so
-  the evaluator's `sample_batch_size` (64 in the official protocol) is the BN batch."""
+  the evaluator's `sample_batch_size` (64 in the official protocol) is the BN batch.
+  Classes uniform at random, or `labels` [num] (a conditional model only)."""
   n_classes = num_classes(config)
   z_key, y_key = jax.random.split(rng)
   z = np.asarray(latents(z_key, num, config.model.dim_z, truncation))
-  y = np.asarray(jax.random.randint(y_key, (num,), 0, n_classes, jnp.int32))
+  if labels is None:
+    y = np.asarray(jax.random.randint(y_key, (num,), 0, n_classes, jnp.int32))
+  elif n_classes < 2:
+    raise ValueError("samples of given classes (intra-class FID) need a conditional model; "
+                     "this one is unconditional (config.model.conditional=False)")
+  else:
+    y = np.asarray(labels, np.int32)
   return sample_in_batches(sampler, state, z, y, num)
 
 

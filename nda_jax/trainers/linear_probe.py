@@ -4,8 +4,10 @@ The protocol of facebookresearch/moco `main_lincls.py`: the pre-trained
 backbone runs in inference mode (running BN averages, nothing of it changes),
 a linear classifier on its pooled features (kernel ~ N(0, 0.01), bias 0) is
 trained with SGD (lr 30, momentum 0.9, no weight decay, lr x0.1 at epochs 60
-and 80 of 100) on RandomResizedCrop (scale (0.08, 1)) + horizontal flip views,
-made on device; evaluation (the 'classification' evaluator) center-crops.
+and 80 of 100) on RandomResizedCrop (scale (0.08, 1)) + horizontal flip views;
+the crop is made on device from the decoded image, or on the host from the
+original photo (`data.crops='host'`, data/crops.py: batches of uint8
+[B, 1, S, S, C]); evaluation (the 'classification' evaluator) center-crops.
 
 The backbone comes from `config.pretrained_workdir`: a MoCo run, or a workdir
 written by `python -m nda_jax.importers.moco_pytorch` (released weights),
@@ -37,6 +39,7 @@ import optax
 from nda_jax import config_lib
 from nda_jax import optim
 from nda_jax import parallel
+from nda_jax import trainers
 from nda_jax.augment import positive
 from nda_jax.models import resnet
 from nda_jax.trainers import method as method_lib
@@ -119,10 +122,11 @@ class LinearProbe(method_lib.Method):
     if c.data.channels != pretrained.data.channels:
       raise ValueError(f"config.data.channels={c.data.channels} but the encoder in "
                        f"{c.pretrained_workdir} takes {pretrained.data.channels}-channel images")
+    if moco.host_crops(c):
+      moco.check_host_views(c, num=1, size=self.crop_size, scale=c.aug.scale)
     if c.data.image_size < self.crop_size:
       raise ValueError(f"config.data.image_size={c.data.image_size} is smaller than the "
                        f"encoder's crop size {self.crop_size} (its aug.crop_size)")
-    from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
     try:
       trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
                                lambda ckpt, step: step)
@@ -133,7 +137,6 @@ class LinearProbe(method_lib.Method):
 
   def pretrained_backbone(self) -> PyTree:
     """{'params', 'batch_stats'} of the pretrained query encoder's backbone (read from disk)."""
-    from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
     _, _, state = trainers.load_run(self.config.pretrained_workdir,
                                     self.config.pretrained_checkpoint)
     return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
@@ -172,14 +175,18 @@ class LinearProbe(method_lib.Method):
                                          where="config.optim.classifier")
     ks = [k for k in TOPK if k <= c.data.num_classes]
     crop, scale, p_flip = self.crop_size, tuple(c.aug.scale), float(c.aug.p_flip)
+    on_host = moco.host_crops(c)
 
     def step(state: LinearProbeState, batch: dict) -> tuple[LinearProbeState, dict]:
       images = parallel.to_float(batch["image"])
       labels = batch["label"]
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
-      view = positive.random_resized_crop(
-          parallel.per_example_keys(jax.random.fold_in(key, 0), b), images, crop, scale=scale)
+      if on_host:   # [b, 1, S, S, C]: the crop, made on the host
+        view = images[:, 0]
+      else:
+        view = positive.random_resized_crop(
+            parallel.per_example_keys(jax.random.fold_in(key, 0), b), images, crop, scale=scale)
       view = positive.random_flip(parallel.per_example_keys(jax.random.fold_in(key, 1), b),
                                   view, p=p_flip)
       features = backbone.apply(state.backbone, moco.normalize_input(enc, view), train=False)

@@ -60,6 +60,7 @@ import optax
 from nda_jax import config_lib
 from nda_jax import optim
 from nda_jax import parallel
+from nda_jax import trainers
 from nda_jax.augment import positive
 from nda_jax.models import batch_norm
 from nda_jax.models import dpc as dpc_model
@@ -173,7 +174,6 @@ class VideoClassifier(method_lib.Method):
     if differ:
       raise ValueError(f"config.pretrained_workdir={c.pretrained_workdir} is a different "
                        f"architecture: set {', '.join(differ)}")
-    from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
     try:
       trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
                                lambda ckpt, step: step)
@@ -233,7 +233,6 @@ class VideoClassifier(method_lib.Method):
 
   def pretrained_encoder(self) -> PyTree:
     """The pretrained run's encoder and ConvGRU variables (read from disk)."""
-    from nda_jax import trainers  # pylint: disable=g-import-not-at-top  (the registry imports us)
     _, _, state = trainers.load_run(self.config.pretrained_workdir,
                                     self.config.pretrained_checkpoint)
     return _encoder_variables(state.params, state.batch_stats)

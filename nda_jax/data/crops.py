@@ -1,0 +1,138 @@
+"""Host-side random crops of the original image (torchvision's RandomResizedCrop).
+
+MoCo's aug+ and main_lincls draw RandomResizedCrop from the whole decoded
+photo: a box of area in `scale` x the image's area and aspect ratio
+log-uniform in `ratio` (10 tries, else the central box of clamped ratio),
+resized to the view size with PIL's BILINEAR filter. Drawing it on device
+from a fixed-size square would see only that square and measure area and
+ratio against it, so image folders can make the views here instead
+(`data.crops = 'host'`, pipeline.py): each example becomes `num` views
+uint8 [num, size, size, 3], and the device does the rest of the
+augmentation (flip, colour, blur).
+
+Decoding: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (`Image.draft`,
+libjpeg's DCT scaling, a box prefilter) when every box of the example is
+still at least 2 x `size` on both sides at that scale, so BILINEAR's
+antialiasing still shrinks by 2 or more after it (measured on scikit-learn's
+sample photos: mean |difference| 0.8-1.6 of 255 from the full-scale view;
+with a margin of 1 instead of 2: 1.5-4.6). At full scale a view is exactly
+PIL's crop-then-resize, as torchvision's. For ImageNet photos and 224 views
+the reduction needs boxes of 896 px and up, so most decode at full scale.
+
+Randomness: the boxes of an example come from NumPy's Philox seeded with
+(seed, epoch, record index) only, so a restored pipeline position yields the
+same views, any worker count gives the same views, and a record's boxes
+differ from epoch to epoch.
+"""
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+ATTEMPTS = 10            # torchvision RandomResizedCrop.get_params
+DRAFT_SCALES = (8, 4, 2)  # what libjpeg's DCT scaling (Image.draft) offers
+Box = tuple[int, int, int, int]  # top, left, height, width
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """`num` RandomResizedCrop(size, scale, ratio) views of each image."""
+  num: int
+  size: int
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+  def __post_init__(self):
+    if self.num < 1 or self.size < 1:
+      raise ValueError(f"data.views needs num >= 1 and size >= 1, got num={self.num}, "
+                       f"size={self.size}.")
+    for name, (low, high) in (("scale", self.scale), ("ratio", self.ratio)):
+      if not 0 < low <= high:
+        raise ValueError(f"data.views.{name}={(low, high)} must satisfy 0 < low <= high.")
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return (self.num, self.size, self.size, 3)
+
+
+def random_box(rng: np.random.Generator, height: int, width: int,
+               scale: Sequence[float], ratio: Sequence[float]) -> Box:
+  """torchvision's RandomResizedCrop.get_params on a height x width image."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(ATTEMPTS):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_boxes(rng: np.random.Generator, height: int, width: int,
+               spec: ViewSpec) -> list[Box]:
+  """The boxes of one example's views, in order."""
+  return [random_box(rng, height, width, spec.scale, spec.ratio) for _ in range(spec.num)]
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The generator of one record's boxes in one epoch."""
+  return np.random.Generator(np.random.Philox(np.random.SeedSequence(
+      [int(seed) % 2**32, int(epoch), int(index)])))
+
+
+def draft_scale(boxes: Sequence[Box], size: int) -> int:
+  """The largest JPEG reduction that keeps every box at least 2 x `size` on both sides."""
+  smallest = min(min(h, w) for _, _, h, w in boxes)
+  return next((s for s in DRAFT_SCALES if smallest >= 2 * s * size), 1)
+
+
+def resized_views(image: Image.Image, boxes: Sequence[Box], size: int,
+                  original_size: tuple[int, int]) -> np.ndarray:
+  """uint8 [len(boxes), size, size, 3]: each box of the original image, BILINEAR to size.
+
+  `image` may be a drafted (reduced) decode of an `original_size` (w, h) image;
+  boxes are in original pixels and are mapped to its grid.
+  """
+  if image.mode != "RGB":
+    image = image.convert("RGB")
+  sx, sy = original_size[0] / image.size[0], original_size[1] / image.size[1]
+  views = np.empty((len(boxes), size, size, 3), np.uint8)
+  for k, (top, left, h, w) in enumerate(boxes):
+    if sx == sy == 1:  # torchvision's F.resized_crop on a PIL image
+      view = image.crop((left, top, left + w, top + h)).resize((size, size),
+                                                               Image.Resampling.BILINEAR)
+    else:
+      view = image.resize((size, size), Image.Resampling.BILINEAR,
+                          box=(left / sx, top / sy, (left + w) / sx, (top + h) / sy))
+    views[k] = np.asarray(view)
+  return views
+
+
+def decode_views(path: str, spec: ViewSpec, rng: np.random.Generator,
+                 reduce: bool = True) -> np.ndarray:
+  """Reads one image file -> uint8 [spec.num, size, size, 3] random views.
+
+  `reduce=False` always decodes at full scale (exactly crop-then-resize).
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      boxes = draw_boxes(rng, height, width, spec)
+      factor = draft_scale(boxes, spec.size) if reduce else 1
+      if factor > 1:
+        image.draft("RGB", (width // factor, height // factor))
+      return resized_views(image, boxes, spec.size, (width, height))
+  except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
+    raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
+                     "corrupt or not an image.") from e
