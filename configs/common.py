@@ -222,12 +222,30 @@ def moco_config() -> ml_collections.ConfigDict:
   c.train.total_steps = 0
   c.train.log_every = 100
 
+  # Online linear probe (solo-learn's): stop-gradient features, its own SGD; off here
+  # (see imagenet_moco.py for its measured cost), on with `enable_online_probe`.
+  c.online_probe = ml_collections.ConfigDict()
+  c.online_probe.enabled = False
+  c.online_probe.optim = optim.default_config("sgd")
+  c.online_probe.optim.lr = 0.1         # solo-learn's classifier lr, no weight decay
+  c.online_probe.optim.momentum = 0.9
+  c.online_probe.optim.weight_decay = 0.0
+  c.online_probe.optim.schedule = "cosine"
+
   c.evals.knn = evaluators.default_config("knn")
   c.evals.knn.max_train = 50000         # a fixed subset of ImageNet train as the feature bank
   c.evals.knn.eval_split = "val"
   evaluate_every(c, 5000, "knn")
   keep_best(c, "knn_top1")
   return c
+
+
+def enable_online_probe(c: ml_collections.ConfigDict) -> None:
+  """The online probe on, its test top-1 evaluated with the kNN monitor (evals.online_probe)."""
+  c.online_probe.enabled = True
+  c.evals.online_probe = evaluators.default_config("classification")
+  c.evals.online_probe.every = c.evals.knn.every
+  c.evals.online_probe.batch_size = c.evals.knn.batch_size
 
 
 def video_classifier_config() -> ml_collections.ConfigDict:

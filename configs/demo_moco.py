@@ -47,6 +47,8 @@ def get_config(arg=None):
   common.evaluate_every(c, 250, "knn")
   if "baseline" in variants:
     c.nda.enabled = False
+  if "tiny" not in variants:
+    common.enable_online_probe(c)       # train top-1 in the log, test top-1 with the kNN
   if "tiny" in variants:
     c.model.width = 4
     c.model.bn_group_size = 8

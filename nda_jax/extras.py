@@ -13,7 +13,8 @@ import types
 from typing import Any
 
 # Optional modules -> the extra of setup.py that installs them.
-EXTRAS = {"torch": "torch", "gcsfs": "gcs", "google.cloud.storage": "gcs"}
+EXTRAS = {"torch": "torch", "gcsfs": "gcs", "google.cloud.storage": "gcs",
+          "torchvision": "detection", "pycocotools": "detection"}
 
 
 class MissingExtraError(ImportError):

@@ -117,13 +117,9 @@ def load_backbone(path: str, config: ml_collections.ConfigDict):
   if not os.path.isfile(path):
     raise ValueError(f"--backbone={path} does not exist; pass a file of python -m "
                      f"nda_jax.exporters.backbone --format=torchvision, or --backbone=none")
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (any unreadable file is the user's)
-    raise ValueError(
-        f"--backbone={path} is not a torch state_dict ({type(e).__name__}: "
-        f"{' '.join(str(e).split())[:200]}). A Detectron2 .pkl is for Detectron2; write "
-        f"this one with python -m nda_jax.exporters.backbone --format=torchvision.") from None
+  state_dict = extras.read_torch_file(
+      path, "a file of python -m nda_jax.exporters.backbone --format=torchvision as "
+            "--backbone (a Detectron2 .pkl is for Detectron2)")
   if not isinstance(state_dict, Mapping) or not all(
       isinstance(v, torch.Tensor) for v in state_dict.values()):
     raise ValueError(f"--backbone={path} holds no state_dict of tensors; write it with python "
@@ -199,6 +195,7 @@ def train(model, root: str, examples, config: ml_collections.ConfigDict, log=pri
     if not torch.isfinite(loss):
       raise FloatingPointError(f"the loss is {loss.item()} at iteration {step}: lower "
                                f"--config.optim.base_lr")
+    lr = opt.param_groups[0]["lr"]
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -206,7 +203,7 @@ def train(model, root: str, examples, config: ml_collections.ConfigDict, log=pri
     if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.iterations:
       parts = " ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
       log(f"iteration {step + 1}/{config.train.iterations} | loss={loss.item():.3f} {parts} "
-          f"| lr={opt.param_groups[0]['lr']:.5f} | {time.time() - start:.0f} s")
+          f"| lr={lr:.6g} | {time.time() - start:.0f} s")
 
 
 def evaluate(model, root: str, examples, config: ml_collections.ConfigDict
