@@ -14,6 +14,7 @@ from etils import epath
 import jax
 import pytest
 
+import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import eval as eval_lib
 from nda_jax import trainers
@@ -27,33 +28,8 @@ REPO = os.path.dirname(TESTS)
 FLAGS = ["--config.train.total_steps=12", "--config.checkpoint.every=2"]
 
 
-def _start(workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [sys.executable, os.path.join(TESTS, "toy_main.py"), f"--workdir={workdir}",
-         *FLAGS, *flags]
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=REPO)
-
-
-def _main(workdir, *flags, wait_for=None, send=None, timeout=240, proc=None):
-  """Runs main to its end (rc, output); with `wait_for`, `send` goes to it once that step
-  is logged (None: returns the still running process and the lines read instead)."""
-  proc = proc or _start(workdir, *flags)
-  lines = []
-  try:
-    if wait_for is not None:
-      for line in proc.stdout:
-        lines.append(line)
-        if f"step {wait_for}/" in line:
-          if send is None:
-            return proc, "".join(lines)
-          proc.send_signal(send)
-          break
-    out, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, "".join(lines) + out
+def _main(workdir, *flags, **kwargs):
+  return toy_runs.run(workdir, *FLAGS, *flags, **kwargs)
 
 
 def _objects(workdir):
