@@ -31,12 +31,7 @@ ALL_NDAS = "+".join(dpc.NDAS)
 def tiny_config(**overrides):
   c = demo_video.get_config("tiny")
   c.checkpoint.async_save = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

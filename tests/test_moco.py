@@ -41,12 +41,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c = demo_moco.get_config("tiny")
   c.checkpoint.async_save = False
   c.moco.queue_size = K
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -118,6 +118,19 @@ def observed_frames(config: ml_collections.ConfigDict) -> int:
   return (m.num_seq - m.pred_step) * m.seq_len
 
 
+def check_clips(config: ml_collections.ConfigDict) -> None:
+  """ValueError unless a clip is the model's blocks (data.num_frames = model.num_seq x
+  model.seq_len) and the crop fits its frames; the video classifier's clips are the same."""
+  c = config
+  frames = c.model.num_seq * c.model.seq_len
+  if c.data.get("num_frames") != frames:
+    raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
+                     f"model.num_seq x model.seq_len = {frames}")
+  if not 0 < c.aug.crop_size <= c.data.image_size:
+    raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
+                     f"[1, config.data.image_size={c.data.image_size}]")
+
+
 def augment(config: ml_collections.ConfigDict, keys: jax.Array, clips: jax.Array) -> jax.Array:
   """Training views of float [-1, 1] clips, one key per clip."""
   a = config.aug
@@ -191,13 +204,7 @@ class DPC(method_lib.Method):
       raise ValueError(f"config.dpc.candidate_group_size={c.dpc.candidate_group_size} must be 0 "
                        f"(the global batch) or divide the batch {b}, and divide or be a multiple "
                        f"of the {local} clips per device")
-    frames = c.model.num_seq * c.model.seq_len
-    if c.data.get("num_frames") != frames:
-      raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
-                       f"model.num_seq x model.seq_len = {frames}")
-    if not 0 < c.aug.crop_size <= c.data.image_size:
-      raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
-                       f"[1, config.data.image_size={c.data.image_size}]")
+    check_clips(c)
     if c.nda.enabled:
       video.build_video_nda(nda_spec(c))
       if c.nda.scope not in losses.NDA_SCOPES_DPC:

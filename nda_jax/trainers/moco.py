@@ -276,7 +276,7 @@ class MoCo(method_lib.Method):
 
       def loss_fn(params):
         q, stats, features = encode(params, state.batch_stats, query_view,
-                             batch_norm.query_groups(b, group_size, global_batch))
+                                    batch_norm.query_groups(b, group_size, global_batch))
         if nda_k is None:
           loss, metrics = losses.moco_infonce(q, k, state.queue, None,
                                               temperature=c.moco.temperature)

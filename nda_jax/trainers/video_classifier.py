@@ -191,13 +191,7 @@ class VideoClassifier(method_lib.Method):
     if b % c.model.bn_group_size:
       raise ValueError(f"config.model.bn_group_size={c.model.bn_group_size} must divide the "
                        f"batch {b}")
-    frames = c.model.num_seq * c.model.seq_len
-    if c.data.get("num_frames") != frames:
-      raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
-                       f"model.num_seq x model.seq_len = {frames}")
-    if not 0 < c.aug.crop_size <= c.data.image_size:
-      raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
-                       f"[1, config.data.image_size={c.data.image_size}]")
+    dpc_trainer.check_clips(c)
     for key in ("model.head_dropout", "model.gru_dropout"):
       method_lib.check_range(c, key, low=0.0, high=0.99)
     for key in ("aug.p_jitter", "aug.p_flip"):
