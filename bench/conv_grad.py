@@ -19,12 +19,13 @@ from other processes hits them alike; each figure is the median wall time
 after a warm-up (compile) call. Padding is k//2 on every side, as in PyTorch
 models.
 """
-import argparse
 import dataclasses
 import functools
 import time
 from typing import Callable
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,12 +172,13 @@ def _cell(seconds: float | None, gflop: float) -> str:
   return f"{seconds * 1e3:9.1f} ({gflop / seconds:5.1f})"
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a few small shapes (smoke test)")
-  parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
-  args = parser.parse_args()
-  repeats = 3 if args.quick else args.repeats
+_QUICK = flags.DEFINE_bool("quick", False, "A few small shapes (smoke test).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
+
+
+def main(argv):
+  del argv
+  repeats = 3 if _QUICK.value else _REPEATS.value
   impls = ("ynn", "xla", "matmul") + (("torch",) if torch is not None else ())
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"torch {torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch else 'absent'}; "
@@ -187,7 +189,7 @@ def main() -> None:
             + (f" {'torch/auto':>10}" if torch else "") + "  matmul's dW path")
   print(header, flush=True)
   dw_speedups, dw_rates = [], []
-  for shape in all_shapes(args.quick):
+  for shape in all_shapes(_QUICK.value):
     t = bench_shape(shape, repeats)
     auto = layers.resolve_impl("auto", *_kernel_strides(shape))
     for op in ("fwd", "dx", "dW"):
@@ -212,4 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

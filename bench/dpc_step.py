@@ -22,8 +22,8 @@ as bench/moco_step.py does); the measured time overhead is printed beside it.
 Utilisation is FLOP/s over the dense float32 matmul throughput measured in the
 same run.
 """
-import argparse
-
+from absl import app
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -60,19 +60,20 @@ def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
                            flops_method=dpc.DPC(counted, num_train_examples=1000))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="demo,r18_128", help=f"comma-separated {list(CASES)}")
-  parser.add_argument("--batch", type=int, default=0, help="global batch; 0: the config's")
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--quick", action="store_true",
-                      help=f"CPU-sized: batch {QUICK_BATCH} unless --batch, 2 iterations")
-  args = parser.parse_args()
-  cases = args.cases.split(",")
+_CASES = flags.DEFINE_list("cases", ["demo", "r18_128"], f"Cases, of {list(CASES)}.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: the config's.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed steps per variant.")
+_QUICK = flags.DEFINE_bool("quick", False,
+                           f"CPU-sized: batch {QUICK_BATCH} unless --batch, 2 iterations.")
+
+
+def main(argv):
+  del argv
+  cases = _CASES.value
   for case in cases:
     if case not in CASES:
       raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
-  batch = args.batch or (QUICK_BATCH if args.quick else 0)
+  batch = _BATCH.value or (QUICK_BATCH if _QUICK.value else 0)
 
   def note(case: str) -> str:
     m = make_config(case, batch, True).model
@@ -80,8 +81,8 @@ def main():
 
   timing.compare_nda(cases, lambda case, nda: make_runner(case, batch, nda),
                      lambda case: make_config(case, batch, False).train.batch_size,
-                     iters=2 if args.quick else args.iters, unit="clips", note=note)
+                     iters=2 if _QUICK.value else _ITERS.value, unit="clips", note=note)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

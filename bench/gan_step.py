@@ -20,9 +20,10 @@ count applies. Dividing by the measured time and by the matmul FLOP/s this
 machine reaches in the same run gives a utilisation ratio. The
 first variant is the baseline of the speed-up column.
 """
-import argparse
 import time
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 
@@ -78,26 +79,27 @@ def time_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str
   return {"sec_per_iter": float(np.median(times)), "first_call": first}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--widths", default="64,16")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--variants", default="xla/loop/ynn,auto/loop,auto/unroll",
-                      help="conv_impl/d_steps_lowering[/ynn] (lowering: loop, unroll, auto), "
-                           "comma-separated; the first is the baseline")
-  args = parser.parse_args()
+_WIDTHS = flags.DEFINE_list("widths", ["64", "16"], "Model widths (config.model.ch).")
+_BATCH = flags.DEFINE_integer("batch", 64, "Batch per D step.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per variant.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["xla/loop/ynn", "auto/loop", "auto/unroll"],
+    "conv_impl/d_steps_lowering[/ynn] (lowering: loop, unroll, auto); the first is the baseline.")
+
+
+def main(argv):
+  del argv
   peak = matmul_flops_per_sec()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print(f"matmul reference: {peak / 1e9:.1f} GFLOP/s per device")
   print(f"{'ch':>4} {'variant':>16} {'s/iter':>8} {'img/s':>8} {'GFLOP/iter':>11} "
         f"{'GFLOP/s':>8} {'util':>6} {'speedup':>7} {'1st call s':>10}")
-  images = common.gan_config().train.num_d_steps * args.batch
-  for width in (int(w) for w in args.widths.split(",")):
-    flops = count_flops(width, args.batch)
+  images = common.gan_config().train.num_d_steps * _BATCH.value
+  for width in (int(w) for w in _WIDTHS.value):
+    flops = count_flops(width, _BATCH.value)
     baseline = None
-    for variant in args.variants.split(","):
-      r = time_iteration(width, args.batch, args.iters, variant)
+    for variant in _VARIANTS.value:
+      r = time_iteration(width, _BATCH.value, _ITERS.value, variant)
       sec = r["sec_per_iter"]
       baseline = baseline or sec
       util = flops / sec / (peak * jax.device_count())
@@ -106,4 +108,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

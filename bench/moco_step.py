@@ -25,8 +25,8 @@ the key's forward); the measured time overhead is printed beside that
 prediction. Utilisation is FLOP/s over the dense float32 matmul throughput
 measured in the same run.
 """
-import argparse
-
+from absl import app
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -66,25 +66,27 @@ def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
   return timing.StepRunner(moco.MoCo(config), host, flops_method=counted)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="r18_32,r50_224", help=f"comma-separated {list(CASES)}")
-  parser.add_argument("--batch", type=int, default=0, help="global batch; 0: per case (above)")
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--quick", action="store_true",
-                      help=f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations")
-  args = parser.parse_args()
-  cases = args.cases.split(",")
+if __name__ == "__main__":   # Only when run: bench/official_moco_step.py imports the runners.
+  _CASES = flags.DEFINE_list("cases", ["r18_32", "r50_224"], f"Cases, of {list(CASES)}.")
+  _BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: per case (above).")
+  _ITERS = flags.DEFINE_integer("iters", 5, "Timed steps per variant.")
+  _QUICK = flags.DEFINE_bool("quick", False,
+                             f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations.")
+
+
+def main(argv):
+  del argv
+  cases = _CASES.value
   for case in cases:
     if case not in CASES:
       raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
 
   def batch_of(case: str) -> int:
-    return args.batch or (QUICK_BATCH[case] if args.quick else 256)
+    return _BATCH.value or (QUICK_BATCH[case] if _QUICK.value else 256)
 
   timing.compare_nda(cases, lambda case, nda: make_runner(case, batch_of(case), nda), batch_of,
-                     iters=2 if args.quick else args.iters, unit="img")
+                     iters=2 if _QUICK.value else _ITERS.value, unit="img")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -32,7 +32,6 @@ What differs, deliberately:
   1-process gloo group with `torch.Tensor.cuda` patched to return the tensor
   itself. With --device=cuda nothing is patched (1-process NCCL group).
 """
-import argparse
 import contextlib
 import importlib
 import socket
@@ -40,6 +39,8 @@ import sys
 from typing import Callable
 from unittest import mock
 
+from absl import app
+from absl import flags
 import jax
 
 import moco_step
@@ -163,33 +164,34 @@ def nda_jax_step(case: str, batch: int, nda: bool) -> Callable[[], None]:
   return moco_step.make_runner(case, batch, nda)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--moco_repo", required=True,
-                      help="a clone of github.com/facebookresearch/moco")
-  parser.add_argument("--case", default="r18_32", choices=sorted(moco_step.CASES))
-  parser.add_argument("--batch", type=int, default=64, help="global batch, both sides")
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-  parser.add_argument("--nda", action="store_true", help="nda_jax with its NDA negatives")
-  args = parser.parse_args()
+_MOCO_REPO = flags.DEFINE_string("moco_repo", None,
+                                 "A clone of github.com/facebookresearch/moco.", required=True)
+_CASE = flags.DEFINE_enum("case", "r18_32", sorted(moco_step.CASES), "The case.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Global batch, both sides.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed steps.")
+_DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "torch device.")
+_NDA = flags.DEFINE_bool("nda", False, "nda_jax with its NDA negatives.")
+
+
+def main(argv):
+  del argv
   import torch  # pylint: disable=import-outside-toplevel  (optional extra)
-  if args.device == "cuda":
+  if _DEVICE.value == "cuda":
     torch.backends.cudnn.benchmark = True   # as main_moco.py does
-  print(f"torch {torch.__version__} on {args.device} ({torch.get_num_threads()} threads); "
+  print(f"torch {torch.__version__} on {_DEVICE.value} ({torch.get_num_threads()} threads); "
         f"jax on {jax.device_count()} x {jax.devices()[0].device_kind}")
-  with process_group(torch, args.device):
-    calls = {"official": official_step(args.moco_repo, torch, args.case, args.batch,
-                                       args.device),
-             "nda_jax": nda_jax_step(args.case, args.batch, args.nda)}
-    sec = median_seconds(calls, args.iters)
-  label = "nda_jax+NDA" if args.nda else "nda_jax"
+  with process_group(torch, _DEVICE.value):
+    calls = {"official": official_step(_MOCO_REPO.value, torch, _CASE.value, _BATCH.value,
+                                       _DEVICE.value),
+             "nda_jax": nda_jax_step(_CASE.value, _BATCH.value, _NDA.value)}
+    sec = median_seconds(calls, _ITERS.value)
+  label = "nda_jax+NDA" if _NDA.value else "nda_jax"
   print(f"{'case':>8} {'batch':>5} {'official s/step':>15} {'img/s':>7} "
         f"{label + ' s/step':>19} {'img/s':>7} {'official/' + label:>20}")
   off, ours = sec["official"], sec["nda_jax"]
-  print(f"{args.case:>8} {args.batch:>5} {off:>15.3f} {args.batch / off:>7.1f} "
-        f"{ours:>19.3f} {args.batch / ours:>7.1f} {off / ours:>19.2f}x", flush=True)
+  print(f"{_CASE.value:>8} {_BATCH.value:>5} {off:>15.3f} {_BATCH.value / off:>7.1f} "
+        f"{ours:>19.3f} {_BATCH.value / ours:>7.1f} {off / ours:>19.2f}x", flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

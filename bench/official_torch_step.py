@@ -19,12 +19,14 @@ but not used by the timed iteration; where they are missing or broken (a
 CPU-only torch has no matching torchvision wheel on PyPI) stand-ins take
 their place, so that only the training code is needed.
 """
-import argparse
 import importlib
 import sys
 import types
 from typing import Callable
 from unittest import mock
+
+from absl import app
+from absl import flags
 
 from timing import median_seconds
 
@@ -101,33 +103,35 @@ def nda_jax_iteration(width: int, batch: int) -> Callable[[], None]:
   return one
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--official_repo", required=True, help="a clone of github.com/ermongroup/NDA")
-  parser.add_argument("--widths", default="64,16")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--device", default="cpu")
-  parser.add_argument("--with_nda_jax", action="store_true",
-                      help="time nda_jax's iteration alongside, alternating (see above)")
-  args = parser.parse_args()
+_OFFICIAL_REPO = flags.DEFINE_string("official_repo", None,
+                                     "A clone of github.com/ermongroup/NDA.", required=True)
+_WIDTHS = flags.DEFINE_list("widths", ["64", "16"], "Model widths (G_ch = D_ch).")
+_BATCH = flags.DEFINE_integer("batch", 64, "Batch per D step.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations.")
+_DEVICE = flags.DEFINE_string("device", "cpu", "torch device.")
+_WITH_NDA_JAX = flags.DEFINE_bool("with_nda_jax", False,
+                                  "Time nda_jax's iteration alongside, alternating (see above).")
+
+
+def main(argv):
+  del argv
   import torch  # pylint: disable=import-outside-toplevel  (optional extra)
-  if args.device == "cuda":
+  if _DEVICE.value == "cuda":
     torch.backends.cudnn.benchmark = True  # as train_aug.py does
-  official = load_official(args.official_repo)
-  print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads")
+  official = load_official(_OFFICIAL_REPO.value)
+  print(f"torch {torch.__version__} on {_DEVICE.value}, {torch.get_num_threads()} CPU threads")
   print(f"{'ch':>4} {'s/iter':>8} {'img/s':>8}" + (
-      f" {'nda_jax s/iter':>14} {'img/s':>8} {'official/nda_jax':>16}" if args.with_nda_jax else ""))
-  for width in (int(w) for w in args.widths.split(",")):
-    calls = {"official": official_iteration(official, torch, width, args.batch, args.device)}
-    if args.with_nda_jax:
-      calls["nda_jax"] = nda_jax_iteration(width, args.batch)
-    sec = median_seconds(calls, args.iters)
-    row = f"{width:>4} {sec['official']:>8.3f} {4 * args.batch / sec['official']:>8.1f}"
-    if args.with_nda_jax:
-      row += (f" {sec['nda_jax']:>14.3f} {4 * args.batch / sec['nda_jax']:>8.1f}"
+      f" {'nda_jax s/iter':>14} {'img/s':>8} {'official/nda_jax':>16}" if _WITH_NDA_JAX.value else ""))
+  for width in (int(w) for w in _WIDTHS.value):
+    calls = {"official": official_iteration(official, torch, width, _BATCH.value, _DEVICE.value)}
+    if _WITH_NDA_JAX.value:
+      calls["nda_jax"] = nda_jax_iteration(width, _BATCH.value)
+    sec = median_seconds(calls, _ITERS.value)
+    row = f"{width:>4} {sec['official']:>8.3f} {4 * _BATCH.value / sec['official']:>8.1f}"
+    if _WITH_NDA_JAX.value:
+      row += (f" {sec['nda_jax']:>14.3f} {4 * _BATCH.value / sec['nda_jax']:>8.1f}"
               f" {sec['official'] / sec['nda_jax']:>15.2f}x")
     print(row, flush=True)
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -38,6 +38,27 @@ def run_config(trainer: str, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
+def keep_best(c: ml_collections.ConfigDict, metric: str, mode: str = "max", keep: int = 1
+              ) -> None:
+  """Keeps, beside the latest ones, the `keep` checkpoints best by the evaluators' `metric`."""
+  c.checkpoint.keep_best = keep
+  c.checkpoint.best_metric = metric
+  c.checkpoint.best_mode = mode
+
+
+def evaluate_every(c: ml_collections.ConfigDict, steps: int, *evals: str) -> None:
+  """Runs `evals` and saves a checkpoint every `steps` steps: one cadence, so every
+  checkpoint carries the metrics that choose the best ones."""
+  for name in evals:
+    c.evals[name].every = steps
+  c.checkpoint.every = steps
+
+
+def clip_frames(model: ml_collections.ConfigDict) -> ml_collections.FieldReference:
+  """A clip's frames, `model.num_seq * model.seq_len`, following overrides of either."""
+  return model.get_ref("num_seq") * model.get_ref("seq_len")
+
+
 def data_config(name: str, image_size: int, num_classes: int, channels: int = 3
                 ) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
@@ -134,8 +155,7 @@ def gan_config() -> ml_collections.ConfigDict:
   c.evals.anomaly = evaluators.default_config("anomaly")
   c.evals.anomaly.ndas = ANOMALY_NDAS
 
-  c.checkpoint.keep_best = 5            # num_best_copies
-  c.checkpoint.best_metric = "fid"
+  keep_best(c, "fid", mode="min", keep=5)   # num_best_copies
   return c
 
 
@@ -202,15 +222,30 @@ def moco_config() -> ml_collections.ConfigDict:
   c.train.total_steps = 0
   c.train.log_every = 100
 
+  # Online linear probe (solo-learn's): stop-gradient features, its own SGD; off here
+  # (see imagenet_moco.py for its measured cost), on with `enable_online_probe`.
+  c.online_probe = ml_collections.ConfigDict()
+  c.online_probe.enabled = False
+  c.online_probe.optim = optim.default_config("sgd")
+  c.online_probe.optim.lr = 0.1         # solo-learn's classifier lr, no weight decay
+  c.online_probe.optim.momentum = 0.9
+  c.online_probe.optim.weight_decay = 0.0
+  c.online_probe.optim.schedule = "cosine"
+
   c.evals.knn = evaluators.default_config("knn")
-  c.evals.knn.every = 5000
   c.evals.knn.max_train = 50000         # a fixed subset of ImageNet train as the feature bank
   c.evals.knn.eval_split = "val"
-  c.checkpoint.every = 5000
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "knn_top1"
-  c.checkpoint.best_mode = "max"
+  evaluate_every(c, 5000, "knn")
+  keep_best(c, "knn_top1")
   return c
+
+
+def enable_online_probe(c: ml_collections.ConfigDict) -> None:
+  """The online probe on, its test top-1 evaluated with the kNN monitor (evals.online_probe)."""
+  c.online_probe.enabled = True
+  c.evals.online_probe = evaluators.default_config("classification")
+  c.evals.online_probe.every = c.evals.knn.every
+  c.evals.online_probe.batch_size = c.evals.knn.batch_size
 
 
 def video_classifier_config() -> ml_collections.ConfigDict:
@@ -235,7 +270,6 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.mode = "finetune"                   # or 'linear'
   c.data = data_config("ucf101", image_size=240, num_classes=101)
   c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
-  c.data.num_frames = 40                # model.num_seq x model.seq_len
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -248,6 +282,7 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.model.width = 64                    # 256-d features
   c.model.num_seq = 8                   # blocks per clip
   c.model.seq_len = 5
+  c.data.num_frames = clip_frames(c.model)
   c.model.gru_kernel = 1
   c.model.gru_dropout = 0.1             # DPC's ConvGRU dropout, on while fine-tuning
   c.model.head_dropout = 0.5
@@ -280,13 +315,10 @@ def video_classifier_config() -> ml_collections.ConfigDict:
 
   c.evals.val = evaluators.default_config("video_classification")
   c.evals.val.split = "val"
-  c.evals.val.every = 660               # ~one epoch: 10 x ~8.5k training videos / 128
   c.evals.test = evaluators.default_config("video_classification")
   c.evals.test.split = "test"
-  c.checkpoint.every = 660
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "val_video_top1"
-  c.checkpoint.best_mode = "max"
+  evaluate_every(c, 660, "val")         # ~one epoch: 10 x ~8.5k training videos / 128
+  keep_best(c, "val_video_top1")
   return c
 
 
@@ -302,7 +334,6 @@ def dpc_config() -> ml_collections.ConfigDict:
   c = run_config("dpc", seed=0)
   c.data = data_config("ucf101", image_size=240, num_classes=101)
   c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
-  c.data.num_frames = 40                # model.num_seq x model.seq_len
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -314,6 +345,7 @@ def dpc_config() -> ml_collections.ConfigDict:
   c.model.width = 64                    # 256-d features
   c.model.num_seq = 8
   c.model.seq_len = 5
+  c.data.num_frames = clip_frames(c.model)
   c.model.pred_step = 3
   c.model.gru_kernel = 1
   c.model.gru_dropout = 0.1
@@ -396,11 +428,8 @@ def linear_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
 
   c.evals.classification = evaluators.default_config("classification")
-  c.evals.classification.every = 5004   # one ImageNet epoch at batch 256, as main_lincls
-  c.checkpoint.every = 5004
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "val_top1"
-  c.checkpoint.best_mode = "max"
+  evaluate_every(c, 5004, "classification")  # one ImageNet epoch at batch 256, as main_lincls
+  keep_best(c, "val_top1")
   return c
 
 
@@ -430,10 +459,9 @@ def moco_cifar_config(name: str, num_classes: int) -> ml_collections.ConfigDict:
   c.optim.encoder.weight_decay = 5e-4
   c.train.batch_size = 512
   c.train.num_epochs = 200
-  c.evals.knn.every = 97                # one epoch: 50,000 // 512 steps (drop_last)
   c.evals.knn.max_train = 0             # the whole train split as the bank
   c.evals.knn.eval_split = "test"
-  c.checkpoint.every = 97
+  evaluate_every(c, 97, "knn")          # one epoch: 50,000 // 512 steps (drop_last)
   return c
 
 

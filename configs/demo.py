@@ -49,8 +49,7 @@ def get_config(arg=None):
   c.evals.fd_digits.num_samples = 500
   c.evals.fd_digits.sample_batch_size = 64
   c.checkpoint.every = 500
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "fd_digits"
+  common.keep_best(c, "fd_digits", mode="min")
   common.apply_gan_variants(c, variants & {"baseline"})
   if "uncond" in variants:
     c.model.conditional = False

@@ -8,14 +8,11 @@ on the embedded digits:
   python -m nda_jax.main --config=configs/demo_linear.py \
       --config.pretrained_workdir=runs/demo_moco --workdir=runs/demo_probe
 
-Two settings differ from ImageNet's, for 16x16 digits and a 128-d feature:
-lr 1 (main_lincls's lr 30 diverges on these features: loss ~1e3) and views of
-the whole digit without flips (scale (1, 1) makes the crop the identity on a
-square image; with main_lincls's crops from 8% of the area the probe stays
-near 55%). Top-1 / top-5 on the 300 test digits every 2 epochs; 10 epochs
-took about a minute on a busy 2-core CPU and reached 86% top-1 on a 300-step
-demo_moco backbone (its kNN monitor: 91%). Variants: `:tiny` (a few steps,
-for tests).
+Two settings differ from ImageNet's, for 16x16 digits and a 128-d feature
+(docs/demos.md says why): lr 1, and views of the whole digit without flips
+(scale (1, 1) makes the crop the identity on a square image). Top-1 / top-5
+on the 300 test digits every 2 epochs. Variants: `:tiny` (a few steps, for
+tests).
 """
 from configs import common
 

@@ -8,12 +8,11 @@ it needs no download.
 
 The kNN monitor (weighted kNN on the backbone's pooled features, train split
 as the bank, k=20 because the digits have ~150 training images per class)
-runs every 250 steps. Measured over seeds 0-2 (README has the details): the loss
-falls from 4.87 to 3.1-3.5; a linear probe of the backbone reaches 93.4% for
-both MoCo and MoCo + NDA (untrained backbone: 86.3%); kNN reads 84-92% (untrained
-93.3%, raw pixels 98.3%). Then a linear probe:
+runs every 250 steps. Then a linear probe:
 `python -m nda_jax.main --config=configs/demo_linear.py --config.pretrained_workdir=runs/demo_moco --workdir=runs/demo_probe`.
-Variants: `:baseline` (no NDA), `:tiny` (a few steps, for tests).
+README.md gives what they measure; docs/demos.md why the queue and the views
+are smaller than MoCo's. Variants: `:baseline` (no NDA), `:tiny` (a few
+steps, for tests).
 """
 from configs import common
 
@@ -27,17 +26,12 @@ def get_config(arg=None):
   c.model.width = 16
   c.model.head_dim = 64
   c.model.bn_group_size = 16
-  # K ~ 9% of the ~1,500 training digits (MoCo's CIFAR demo: 4,096 of 50,000). A queue
-  # holding most of the dataset would hold each image's own key of the previous epoch as
-  # a negative: with K=1,024 the demo collapsed (all similarities -> 1, loss -> ln(K+2)).
+  # K ~ 9% of the digits: a queue holding most of them holds each image's own key of the
+  # previous epoch as a negative.
   c.moco.queue_size = 128
   c.moco.momentum = 0.99                # short run: a faster key encoder (MoCo's CIFAR demo)
   c.aug.crop_size = 16
-  # Digits hold 8x8 pixels of information: aug+'s smallest crop (20% of the area) keeps
-  # ~3.6x3.6 of them, and the blur's kernel (3 px) smears a stroke. With both, the loss
-  # sat at ln(K + 2) (= 4.87) for 600 of 1,000 steps at lr 0.06, and for all 300 steps
-  # tried at MoCo's 0.03 * batch / 256 = 0.0075 (measured). MoCo's CIFAR demo drops the
-  # blur at 32 px; here the crop also keeps at least half of the digit.
+  # Digits hold 8x8 pixels: aug+'s 20% crops and its blur leave nothing to learn from.
   c.aug.scale = (0.5, 1.0)
   c.aug.p_blur = 0.0
   c.optim.encoder.lr = 0.06
@@ -46,22 +40,18 @@ def get_config(arg=None):
   c.train.num_epochs = 0
   c.train.total_steps = 500
   c.train.log_every = 50
-  c.evals.knn.every = 250
   c.evals.knn.k = 20
   c.evals.knn.max_train = 0
   c.evals.knn.batch_size = 256
   c.evals.knn.eval_split = "test"
-  c.checkpoint.every = 250
+  common.evaluate_every(c, 250, "knn")
   if "baseline" in variants:
     c.nda.enabled = False
+  if "tiny" not in variants:
+    common.enable_online_probe(c)       # train top-1 in the log, test top-1 with the kNN
   if "tiny" in variants:
     c.model.width = 4
     c.model.bn_group_size = 8
-    # aug+'s crops: with (0.5, 1) this width-4 net amplified the float rounding between
-    # 1 and 8 devices to 3.6% of a BN bias gradient in one step, from identical views
-    # (not diagnosed; near-constant channels in a BN group would do it); with (0.2, 1)
-    # the runs agree to 5e-6 (tests/test_moco.py).
-    c.aug.scale = (0.2, 1.0)
     c.train.batch_size = 32
     c.moco.queue_size = 128
     c.train.total_steps = 4

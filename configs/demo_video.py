@@ -8,17 +8,13 @@ predict 2, on a 2x2 grid); it needs no download.
 
   python -m nda_jax.main --config=configs/demo_video.py --workdir=runs/demo_video
 
-300 steps of 32 clips take about 8 minutes on 2 CPU cores (484 s measured,
-compilation included); README.md gives what the run and its probes measure.
-The kNN monitor peaked at step 100 or 200 in every run measured; 1,000
-steps did not help it (0.70 at 250, 0.52 at 1,000, while the loss kept
-falling), so the demo stops at 300.
-
-The kNN monitor classifies a clip's motion direction (data.label_key =
-'direction', 4 classes) from the pooled ConvGRU state. The digits are 40 px on
-a 64 px canvas so that every 2x2 jigsaw patch holds part of the digit box: on
-a black background a jigsaw that only swaps empty patches returns a real
-block (measured: 1 in 512 of the jigsaw's future blocks, thin digits).
+300 steps of 32 clips take about 8 minutes on 2 CPU cores; README.md gives
+what the run and its probes measure. The kNN monitor classifies a clip's
+motion direction (data.label_key = 'direction', 4 classes) from the pooled
+ConvGRU state. The digits are 40 px on a 64 px canvas so that every 2x2
+jigsaw patch holds part of the digit box (a jigsaw that only swaps empty
+patches returns a real block); docs/demos.md gives the measurements behind
+these choices and the 300 steps.
 Variants: `:baseline` (no NDA), `:tiny` (a few steps on 32 px clips, for tests).
 """
 from configs import common
@@ -29,7 +25,7 @@ def get_config(arg=None):
   variants = common.parse_variants(arg, ("baseline", "tiny"))
   c = common.dpc_config()
   c.data = common.data_config("moving_digits", image_size=64, num_classes=4)
-  c.data.num_frames = 16
+  c.data.num_frames = common.clip_frames(c.model)
   c.data.digit_size = 40
   c.data.label_key = "direction"
   c.model.width = 8
@@ -47,15 +43,13 @@ def get_config(arg=None):
   c.train.total_steps = 300
   c.train.log_every = 25
   c.evals.knn = evaluators.default_config("knn")
-  c.evals.knn.every = 100
   c.evals.knn.k = 20
   c.evals.knn.batch_size = 64
-  c.checkpoint.every = 100
+  common.evaluate_every(c, 100, "knn")
   if "baseline" in variants:
     c.nda.enabled = False
   if "tiny" in variants:
     c.data.image_size = 32              # a 1x1 grid
-    c.data.num_frames = 8
     c.data.digit_size = 20
     c.model.width = 4
     c.model.num_seq = 4

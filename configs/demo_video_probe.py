@@ -16,16 +16,11 @@ ConvGRU at lr / 10), `:untrained` starts from a random init
 (the architecture of `demo_video.py:tiny`). Clip and video top-1 on the 300
 test clips are written every 2 epochs; a moving-digit clip is a whole video,
 so the two are equal here. The digits have no validation split: the last
-checkpoint is kept (no best-checkpoint choice). DPC's training views flip
-clips horizontally; here they do not: a flip turns left into right, so half
-the training clips would carry the wrong direction label (measured on a
-trained demo encoder: a logistic regression on flipped training views reads
-26% on the test clips, 70% without the flip). The linear probe trains its
-head at lr 1e-2 without dropout: with DPC's 1e-3 and dropout 0.5 on the
-demo's 32 features, 10 epochs left the direction probe under-fitted
-(measured on one encoder: 48.7% test top-1; lr 1e-2 with dropout 54.7%,
-without 64.3%; scikit-learn's logistic regression on the same frozen
-features, central views, 73.3%). `:finetune` keeps DPC's 1e-3 and 0.5.
+checkpoint is kept (no best-checkpoint choice). Unlike DPC's, the training
+views are not flipped (a flip turns left into right: half the clips would
+carry the wrong direction label), and the linear probe trains its head at lr
+1e-2 without dropout (DPC's 1e-3 and 0.5 under-fit the demo's 32 features);
+`:finetune` keeps DPC's 1e-3 and 0.5. docs/demos.md gives the measurements.
 """
 from configs import common
 
@@ -35,7 +30,7 @@ def get_config(arg=None):
   c = common.video_classifier_config()
   c.mode = "linear"
   c.data = common.data_config("moving_digits", image_size=64, num_classes=10)
-  c.data.num_frames = 16
+  c.data.num_frames = common.clip_frames(c.model)
   c.data.digit_size = 40
   c.data.label_key = "digit"
   c.model.width = 8
@@ -46,17 +41,15 @@ def get_config(arg=None):
   c.aug.out_size = 64
   c.aug.p_flip = 0.0                    # a mirrored clip moves the other way (and mirrors the digit)
   c.optim.boundaries_epochs = (6, 8)
-  c.optim.lr = 1e-2                     # a linear probe: lr x10 and no dropout (see above)
+  c.optim.lr = 1e-2                     # a linear probe: lr x10 and no dropout (docs/demos.md)
   c.model.head_dropout = 0.0
   c.train.batch_size = 32               # 46 steps per epoch of the 1,497 training clips
   c.train.num_epochs = 10
   c.train.log_every = 23
   del c.evals["val"]
-  c.evals.test.every = 92
   c.evals.test.batch_size = 64
-  c.checkpoint.every = 92
-  c.checkpoint.keep_best = 0
-  c.checkpoint.best_metric = ""
+  common.evaluate_every(c, 92, "test")
+  common.keep_best(c, "", keep=0)
   if "direction" in variants:
     c.data.label_key = "direction"
     c.data.num_classes = 4
@@ -68,7 +61,6 @@ def get_config(arg=None):
     c.pretrained_workdir = ""
   if "tiny" in variants:
     c.data.image_size = 32              # a 1x1 grid
-    c.data.num_frames = 8
     c.data.digit_size = 20
     c.model.width = 4
     c.model.seq_len = 2
@@ -79,8 +71,7 @@ def get_config(arg=None):
     c.train.num_epochs = 0
     c.train.total_steps = 4
     c.train.log_every = 1
-    c.evals.test.every = 4
     c.evals.test.batch_size = 16
     c.evals.test.max_examples = 32
-    c.checkpoint.every = 4
+    common.evaluate_every(c, 4, "test")
   return c

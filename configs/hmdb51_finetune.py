@@ -24,8 +24,7 @@ def get_config(arg=None):
   c.data.name = "hmdb51"
   c.data.num_classes = 51
   c.optim.boundaries_epochs = (15, 25, 30)
-  c.evals.val.every = 250               # <= one epoch: 10 x ~3.2k training videos / 128
-  c.checkpoint.every = 250
+  common.evaluate_every(c, 250, "val")  # <= one epoch: 10 x ~3.2k training videos / 128
   if "linear" in variants:
     c.mode = "linear"
   if "untrained" in variants:

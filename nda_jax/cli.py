@@ -123,7 +123,7 @@ def describe_config_file_error(value: str, error: BaseException) -> str:
 
 def _config_file_error(argv: Sequence[str], config_flag: str) -> str | None:
   """The line for a config file that fails on its own, without any override (else None)."""
-  value = _flag_value(argv, config_flag)
+  value = flag_value(argv, config_flag)
   if value is None:
     return None
   path = value.split(":", 1)[0]
@@ -136,17 +136,20 @@ def _config_file_error(argv: Sequence[str], config_flag: str) -> str | None:
   return None
 
 
-def _flag_value(argv: Sequence[str], name: str) -> str | None:
+def flag_value(argv: Sequence[str], name: str) -> str | None:
+  """`--name`'s value in argv, read before absl parses it (the last one counts, as absl's;
+  None if absent)."""
+  value = None
   for i, arg in enumerate(argv):
     for prefix in (f"--{name}=", f"-{name}="):
       if arg.startswith(prefix):
-        return arg[len(prefix):]
+        value = arg[len(prefix):]
     if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      value = argv[i + 1]
+  return value
 
 
-def _override_keys(argv: Sequence[str], name: str) -> list[str]:
+def override_keys(argv: Sequence[str], name: str) -> list[str]:
   """'train.batch_size' of every `--config.train.batch_size=...` in argv."""
   keys = []
   for arg in argv:
@@ -162,11 +165,11 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
   """The one line a user reads for an error raised while parsing `argv`."""
   if isinstance(error, (KeyError, AttributeError)) and config_flag:
     # An override of a key the config does not declare: name the close ones.
-    config = flags.FLAGS[config_flag].parser.parse(_flag_value(argv, config_flag))
-    config_lib.check_overrides(config, _override_keys(argv, config_flag), flag=config_flag)
+    config = flags.FLAGS[config_flag].parser.parse(flag_value(argv, config_flag))
+    config_lib.check_overrides(config, override_keys(argv, config_flag), flag=config_flag)
     raise error   # Not an unknown key: a bug, whose traceback helps.
   if isinstance(error, OSError) and config_flag:
-    path = (_flag_value(argv, config_flag) or "").split(":", 1)[0]
+    path = (flag_value(argv, config_flag) or "").split(":", 1)[0]
     reason = "no such file" if not os.path.exists(path) else str(_innermost(error)).splitlines()[0]
     return f"--{config_flag}={path}: cannot load the config file ({reason})"
   message = str(error)

@@ -1,5 +1,5 @@
 """Config I/O: the resolved config a run writes to, and reads back from, its workdir."""
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 import difflib
 import fnmatch
 import json
@@ -125,32 +125,37 @@ def write_history(saved: ml_collections.ConfigDict, workdir: str, step: int) -> 
   path.write_text(saved.to_json_best_effort(indent=2))
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """'train.batch_size', ... : the dotted path of every leaf of `config`."""
-  keys = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict) and value:
-      keys += flat_keys(value, f"{prefix}{key}.")
-    else:
-      keys.append(f"{prefix}{key}")
-  return keys
+def did_you_mean(key: str, valid: Iterable[str], shown: Callable[[str], str] = repr) -> str:
+  """' (did you mean ...?)' naming the close matches of a mistyped key, or '': the one
+  suggestion rule of every "no such key / type / evaluator" message."""
+  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+  return f" (did you mean {' or '.join(shown(c) for c in close)}?)" if close else ""
+
+
+def _has(node, parts: list[str]) -> bool:
+  for part in parts:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
 
 
 def check_overrides(config: ml_collections.ConfigDict, keys: Iterable[str],
                     flag: str = "config") -> None:
-  """ValueError for an override `--config.<key>` of a key `config` does not declare,
-  naming the close keys (a typo in any part of the path) and the section's keys."""
+  """ValueError for an override `--<flag>.<key>` of a key `config` does not declare: the
+  section where the path leaves the config, its keys close to the mistyped part (those that
+  have the rest of the path first, with it: a typo in any part is mended) and all its keys."""
   for key in keys:
     node, parts = config, key.split(".")
     for depth, part in enumerate(parts):
-      if isinstance(node, ml_collections.ConfigDict) and part in node:
-        node = node[part]
-        continue
-      close = difflib.get_close_matches(key, flat_keys(config), n=3, cutoff=0.8)
-      hint = f"; did you mean {' or '.join(f'--{flag}.{c}' for c in close)}?" if close else ""
       section = ".".join([flag, *parts[:depth]])
-      if isinstance(node, ml_collections.ConfigDict):
-        listing = f" ({section} has {', '.join(sorted(node))})"
-      else:
-        listing = f" ({section} is a {type(node).__name__}, not a section)"
-      raise ValueError(f"--{flag}.{key}: the config has no such key{hint}{listing}")
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"--{flag}.{key}: {section} is a {type(node).__name__}, not a section")
+      if part not in node:
+        rest = ".".join(["", *parts[depth + 1:]])
+        having = [k for k in node if _has(node[k], parts[depth + 1:])]
+        hint = (did_you_mean(part, having, lambda k: f"--{section}.{k}{rest}") if having
+                else "") or did_you_mean(part, node, lambda k: f"--{section}.{k}")
+        raise ValueError(f"--{flag}.{key}: {section} has no key {part!r}{hint}; its keys: "
+                         f"{sorted(node)}")
+      node = node[part]

@@ -64,29 +64,6 @@ _PROG = "nda_jax.eval"
 
 
 # ------------------------------------------------------------------ the run's config, overridden
-def workdir_from_argv(argv: Sequence[str]) -> str | None:
-  """--workdir's value, read before absl parses (the config flag is defined from that run)."""
-  for i, arg in enumerate(argv):
-    for prefix in ("--workdir=", "-workdir="):
-      if arg.startswith(prefix):
-        return arg[len(prefix):]
-    if arg in ("--workdir", "-workdir") and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def flag_from_argv(argv: Sequence[str], name: str) -> str | None:
-  """A flag's value in argv, read before absl parses (the last one counts, as absl's)."""
-  value = None
-  for i, arg in enumerate(argv):
-    for prefix in (f"--{name}=", f"-{name}="):
-      if arg.startswith(prefix):
-        value = arg[len(prefix):]
-    if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
-
-
 def add_evaluators(config: ml_collections.ConfigDict, types: Sequence[str]
                    ) -> tuple[list[str], list[str]]:
   """Adds `evals.<type>` with the type's declared defaults for each type the config lacks.
@@ -100,7 +77,7 @@ def add_evaluators(config: ml_collections.ConfigDict, types: Sequence[str]
       declared.append(type_name)
     elif type_name not in evaluators_lib.REGISTRY:
       raise ValueError(f"--add={type_name}: not a registered evaluator type"
-                       f"{evaluators_lib.did_you_mean(type_name, evaluators_lib.REGISTRY)}; "
+                       f"{config_lib.did_you_mean(type_name, evaluators_lib.REGISTRY)}; "
                        f"registered: {sorted(evaluators_lib.REGISTRY)} (evaluators/__init__.py)")
     else:
       config.evals[type_name] = evaluators_lib.default_config(type_name)
@@ -108,35 +85,19 @@ def add_evaluators(config: ml_collections.ConfigDict, types: Sequence[str]
   return names, declared
 
 
-def _override_keys(argv: Sequence[str]) -> list[str]:
-  """'evals.fd.num_samples' of every `--config.evals.fd.num_samples=...` in argv."""
-  keys = []
-  for arg in argv:
-    name = arg.lstrip("-").split("=", 1)[0]
-    if arg.startswith("-") and name.startswith(CONFIG_FLAG + "."):
-      keys.append(name[len(CONFIG_FLAG) + 1:])
-  return keys
-
-
-def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+def _check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
   """ValueError for an override of a key the config does not declare, naming the close ones.
 
   A None leaf of config.json (its type lost in JSON) becomes a str-typed
   field, so that it can be overridden at all.
   """
-  for key in _override_keys(argv):
-    node, parts = config, key.split(".")
-    for depth, part in enumerate(parts):
-      where = ".".join([CONFIG_FLAG, *parts[:depth]])
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(f"--{CONFIG_FLAG}.{key}: {where} is a {type(node).__name__}, not a "
-                         f"section")
-      if part not in node:
-        raise ValueError(f"--{CONFIG_FLAG}.{key}: {where} has no key {part!r}"
-                         f"{evaluators_lib.did_you_mean(part, node)}; its keys: {sorted(node)}")
-      if depth == len(parts) - 1 and node[part] is None and node.get_type(part) is type(None):
-        node[part] = ml_collections.FieldReference(None, field_type=str)
-      node = node[part]
+  keys = cli.override_keys(argv, CONFIG_FLAG)
+  config_lib.check_overrides(config, keys, flag=CONFIG_FLAG)
+  for key in keys:
+    *path, leaf = key.split(".")
+    node = functools.reduce(lambda section, part: section[part], path, config)
+    if node[leaf] is None and node.get_type(leaf) is type(None):
+      node[leaf] = ml_collections.FieldReference(None, field_type=str)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -152,7 +113,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """`--config` (locked) with `config` as its value; its overrides are checked first."""
-  check_overrides(config, argv)
+  _check_overrides(config, argv)
   try:
     config_flags.DEFINE_config_dict(CONFIG_FLAG, config, "The run's config (config.json).",
                                     flag_values=flag_values, lock_config=True,
@@ -196,7 +157,7 @@ def resolve_names(config: ml_collections.ConfigDict, only: Sequence[str] | None)
   for name in names:
     if name not in config.evals:
       raise ValueError(f"--only: no evaluator {name!r} in the run's config.evals"
-                       f"{evaluators_lib.did_you_mean(name, config.evals)}; configured: "
+                       f"{config_lib.did_you_mean(name, config.evals)}; configured: "
                        f"{sorted(config.evals)}")
   return names
 
@@ -305,11 +266,11 @@ def main(argv):
 
 
 def _cli() -> None:
-  workdir = workdir_from_argv(sys.argv)
+  workdir = cli.flag_value(sys.argv, "workdir")
   if not workdir:
     sys.exit(f"{_PROG}: error: --workdir=DIR (a run's workdir) is required")
   try:
-    add = (flag_from_argv(sys.argv, "add") or "").split(",")
+    add = (cli.flag_value(sys.argv, "add") or "").split(",")
     config = load_run_config(workdir)
     # Before the config flag is defined: its overrides may name the added entries.
     for name in add_evaluators(config, add)[1]:

@@ -26,11 +26,9 @@ With `weight_decay > 0` the transformation needs the parameters:
 `tx.update(grads, opt_state, params)`.
 """
 from collections.abc import Mapping
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -115,26 +113,18 @@ def _schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps:
                      f"which must be fewer than total_steps={total_steps}")
 
   if cfg.schedule == "constant":
-    main = lambda count: jnp.full(jnp.shape(count), lr, jnp.float32)
-  elif cfg.schedule == "cosine":
-    # Per step; MoCo's --cos sets the same curve once per epoch.
-    decay_steps = total_steps - warmup
-
-    def main(count):
-      t = jnp.clip(jnp.asarray(count, jnp.float32) - warmup, 0, decay_steps)
-      return lr * 0.5 * (1 + jnp.cos(math.pi * t / decay_steps))
+    main = optax.constant_schedule(lr)
+  elif cfg.schedule == "cosine":   # Per step; MoCo's --cos sets the same curve once per epoch.
+    main = optax.cosine_decay_schedule(lr, decay_steps=total_steps - warmup)
   else:  # 'steps': decayed from the first step of each boundary epoch, as main_lincls.
-    bounds = jnp.asarray([_to_steps(b, steps_per_epoch) for b in cfg.boundaries_epochs], jnp.int32)
-    factor = float(cfg.decay_factor)
-
-    def main(count):
-      passed = jnp.sum(jnp.asarray(count)[..., None] >= bounds, axis=-1)
-      return lr * factor ** passed.astype(jnp.float32)
-
+    scales = {}    # step (counted from the warmup's end) -> factor; equal steps compound
+    for epoch in cfg.boundaries_epochs:
+      step = _to_steps(epoch, steps_per_epoch) - warmup
+      scales[step] = scales.get(step, 1.0) * float(cfg.decay_factor)
+    main = optax.piecewise_constant_schedule(lr, scales)
   if warmup == 0:
     return main
-  return lambda count: jnp.where(jnp.asarray(count) < warmup,
-                                 lr * jnp.asarray(count, jnp.float32) / warmup, main(count))
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int,

@@ -370,3 +370,51 @@ def test_plot_skips_a_bad_line_naming_it(tmp_path):
   assert "Traceback" not in output, output[-3000:]
   assert f"{tmp_path}/metrics.jsonl:2 is not a metrics record" in output, output[-3000:]
   assert out.exists()
+
+
+_TB_ON_A_FULL_DISK = """
+import os, sys, time
+from nda_jax.trainers import common
+writer = common.MetricWriter(sys.argv[1])
+for step in range(20):   # ~1.3 KB of events: tensorboardX's thread holds them in its 8 KB buffer
+  writer.write(step, {"loss": 1.0})
+time.sleep(2.0)          # (its queue drained into the buffer)
+fd = os.open(sys.argv[1] + "/filler", os.O_WRONLY | os.O_CREAT)   # Another writer fills the disk.
+try:
+  while True:
+    os.write(fd, bytes(4096))
+except OSError as e:
+  print("disk full:", e.strerror)
+writer.close()           # As the loop does on its way out, error or not.
+print("closed")
+"""
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size="256k"):
+  """A small tmpfs at `path` (a real file system that fills); skips without the privilege."""
+  os.makedirs(path)
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_tensorboard_events_on_a_full_disk_end_in_one_warning(tmp_path):
+  """A real full disk (tmpfs): TensorBoard's last flush fails when the writer closes; that
+  is one warning, and tensorboardX's atexit hook does not flush again (a traceback after
+  the run's one-paragraph error, before)."""
+  with _tmpfs(tmp_path / "disk") as disk:
+    proc = subprocess.run([sys.executable, "-c", _TB_ON_A_FULL_DISK, str(disk)],
+                          capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert "disk full: No space left on device" in output, output[-3000:]   # The premise.
+    assert proc.returncode == 0 and "closed" in proc.stdout, output[-3000:]
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
+    warning = [line for line in output.splitlines() if "TensorBoard events in" in line]
+    assert len(warning) == 1 and "No space left on device" in warning[0], output[-3000:]
+    assert f"{disk}/tensorboard" in warning[0]

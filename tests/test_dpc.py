@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
 from configs import demo_video
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
@@ -20,7 +23,6 @@ from nda_jax.data import sources
 from nda_jax.models import dpc as dpc_model
 from nda_jax.trainers import common
 from nda_jax.trainers import dpc
-from nda_jax.trainers import moco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_NDAS = "+".join(dpc.NDAS)
@@ -29,12 +31,7 @@ ALL_NDAS = "+".join(dpc.NDAS)
 def tiny_config(**overrides):
   c = demo_video.get_config("tiny")
   c.checkpoint.async_save = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -123,6 +120,25 @@ def test_bad_group_sizes_and_frames_are_rejected():
     trainers.get_method(tiny_config(**{"data.num_frames": 10})).validate(1)
 
 
+@pytest.mark.parametrize("config_file", ["demo_video.py:tiny", "ucf101_dpc.py",
+                                         "demo_video_probe.py", "ucf101_finetune.py"])
+def test_num_frames_follows_overrides_of_the_blocks(config_file):
+  """data.num_frames is derived from model.num_seq x model.seq_len: command-line overrides of
+  either move it, config.json holds the plain number, and an override of it wins."""
+  path = os.path.join(REPO, "configs", config_file)
+  argv = ["prog", f"--config={path}", "--config.model.num_seq=6", "--config.model.seq_len=3"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", path, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  c = flag_values.config
+  assert (c.model.num_seq, c.model.seq_len, c.data.num_frames) == (6, 3, 18)
+  assert json.loads(c.to_json_best_effort())["data"]["num_frames"] == 18
+  c.data.num_frames = 7
+  c.model.num_seq = 2
+  assert c.data.num_frames == 7
+
+
 # ------------------------------------------------------------------ NDA negatives
 @pytest.mark.parametrize("name", ["clip_stitch", "temporal_shuffle", "spatial_jigsaw+clip_stitch"])
 def test_ndas_that_keep_real_blocks_are_rejected(name):
@@ -149,7 +165,7 @@ def test_no_nda_feature_equals_its_positive():
   clips_u8 = sources.make_source(c.data, "test")
   clips_u8 = np.stack([clips_u8[i]["image"] for i in range(16)])
   keys = jax.random.split(jax.random.PRNGKey(3), 16)
-  clips = jax.jit(lambda k, x: dpc.augment(c, k, parallel.to_float(x)))(keys, clips_u8)
+  clips = jax.jit(lambda k, x: dpc.augment(c, k, images_lib.to_float(x)))(keys, clips_u8)
   kinds = jax.random.split(jax.random.PRNGKey(4), 16)
   nda = jax.jit(dpc.make_nda_fn(c, axis_name=None))(kinds, clips)
   m = c.model
@@ -162,7 +178,7 @@ def test_no_nda_feature_equals_its_positive():
 
   model = dpc.build_model(c)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  encode = jax.jit(lambda x: model.apply(variables, moco.normalize_input(c, x),
+  encode = jax.jit(lambda x: model.apply(variables, images_lib.normalize_input(c, x),
                                          method=dpc_model.DPC.encode))
   d = 4 * m.width
   target = np.asarray(encode(clips)[:, m.num_seq - m.pred_step:]).reshape(16, -1, d)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nda_jax import cli
 from nda_jax import config_lib
 from nda_jax import eval as eval_lib
 from nda_jax import evaluators
@@ -189,7 +190,7 @@ def test_eval_cli_rejects_undeclared_keys_in_one_line(demo_run, classifier_cache
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       "nda_jax.eval: error: --config.evals.fd_digits.num_sampels: config.evals.fd_digits has "
-      "no key 'num_sampels' (did you mean 'num_samples'?); its keys: " +
+      "no key 'num_sampels' (did you mean --config.evals.fd_digits.num_samples?); its keys: " +
       str(sorted(eval_entries().fd_digits)))
   assert "Traceback" not in proc.stderr
   proc = _eval_cli(f"--workdir={demo_run}", "--set=eval.num_samples=10", env=classifier_cache,
@@ -230,9 +231,10 @@ def test_config_overrides_are_declared_typed_and_used(demo_run, classifier_cache
 
 @pytest.mark.parametrize("override, match", [
     ("--config.evals.fd_digits.num_sampels=10",
-     r"config.evals.fd_digits has no key 'num_sampels' \(did you mean 'num_samples'\?\)"),
+     r"config.evals.fd_digits has no key 'num_sampels' "
+     r"\(did you mean --config.evals.fd_digits.num_samples\?\)"),
     ("--config.evals.fd_digit.num_samples=10",
-     r"config.evals has no key 'fd_digit' \(did you mean 'fd_digits'\?\)"),
+     r"config.evals has no key 'fd_digit' \(did you mean --config.evals.fd_digits.num_samples\?\)"),
     ("--config.evals.fd_digits.num_samples.x=1", "config.evals.fd_digits.num_samples is a int"),
     ("--config.evals.fd_digits.num_samples=many", "invalid literal for int"),
 ])
@@ -243,9 +245,10 @@ def test_config_override_errors(demo_run, override, match):
 
 def test_workdir_is_read_before_the_flags():
   argv = ["eval", "--checkpoint=best", "--workdir", "/runs/a", "--config.evals.x.k=1"]
-  assert eval_lib.workdir_from_argv(argv) == "/runs/a"
-  assert eval_lib.workdir_from_argv(["eval", "--workdir=/runs/b"]) == "/runs/b"
-  assert eval_lib.workdir_from_argv(["eval", "--only=x"]) is None
+  assert cli.flag_value(argv, "workdir") == "/runs/a"
+  assert cli.flag_value(["eval", "--workdir=/runs/b"], "workdir") == "/runs/b"
+  assert cli.flag_value(["eval", "--only=x"], "workdir") is None
+  assert cli.flag_value(["eval", "--add=knn", "--add", "anomaly"], "add") == "anomaly"   # as absl
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -17,6 +17,7 @@ import pytest
 from configs import cifar100_moco
 from configs import cifar10_moco
 from configs import demo_moco
+from configs import imagenet_linear
 from configs import imagenet_moco
 from nda_jax import optim
 from nda_jax import trainers
@@ -149,6 +150,18 @@ def test_schedule_is_cosine_over_200_epochs_and_knn_every_epoch():
   want = 0.06 * 0.5 * (1 + np.cos(np.pi * steps / 19400))        # the demo's --cos, per step
   np.testing.assert_allclose(np.asarray(lr(steps)), want, rtol=1e-6, atol=1e-9)
   assert math.isclose(float(lr(9700)), 0.03, rel_tol=1e-6)
+
+
+def test_lincls_schedule_drops_at_epochs_60_and_80_of_100():
+  """main_lincls.adjust_learning_rate: lr = 30 * 0.1 ** (epoch // 60 + epoch // 80) for epoch < 100."""
+  c = imagenet_linear.get_config()
+  spe = 1_281_167 // c.train.batch_size
+  lr = optim.learning_rate_schedule(c.optim.classifier, steps_per_epoch=spe,
+                                    total_steps=c.train.num_epochs * spe)
+  epochs = np.array([0, 59, 60, 79, 80, 99])
+  want = 30.0 * 0.1 ** (epochs // 60 + epochs // 80)
+  for offset in (0, spe - 1):        # the first and the last step of each of those epochs
+    np.testing.assert_allclose(np.asarray(lr(epochs * spe + offset)), want, rtol=1e-6)
 
 
 def _write_cifar(root, dataset, n=6):

@@ -152,6 +152,28 @@ def test_steps_schedule_at_boundaries():
   np.testing.assert_allclose(float(schedule(0)), 30.0)
 
 
+def test_steps_schedule_with_warmup_counts_boundaries_from_step_zero():
+  lr, spe, warmup = 30.0, 7, 5 * 7
+  cfg = config("sgd", lr=lr, schedule="steps", boundaries_epochs=(60, 80), warmup_epochs=5.0)
+  schedule = optim.learning_rate_schedule(cfg, steps_per_epoch=spe, total_steps=100 * spe)
+  steps = np.array([0, 1, warmup - 1, warmup, warmup + 1, 60 * spe - 1, 60 * spe, 80 * spe - 1,
+                    80 * spe, 100 * spe])
+  closed = [lr * t / warmup if t < warmup else lr * 0.1 ** sum(t >= b * spe for b in (60, 80))
+            for t in steps]
+  np.testing.assert_allclose(np.asarray(schedule(steps)), closed, rtol=1e-6, atol=1e-6)
+
+
+def test_constant_schedule_with_warmup_and_boundaries_on_one_step():
+  schedule = optim.learning_rate_schedule(config("adam", lr=0.2, warmup_epochs=1.0),
+                                          steps_per_epoch=4, total_steps=12)
+  np.testing.assert_allclose(np.asarray(schedule(np.arange(6))), [0, 0.05, 0.1, 0.15, 0.2, 0.2],
+                             rtol=1e-6, atol=1e-7)
+  # Epochs 1.0 and 1.1 of 4 steps both round to step 4: the two decays compound there.
+  cfg = config("sgd", lr=1.0, schedule="steps", boundaries_epochs=(1.0, 1.1), decay_factor=0.5)
+  schedule = optim.learning_rate_schedule(cfg, steps_per_epoch=4, total_steps=12)
+  np.testing.assert_allclose(np.asarray(schedule(np.array([3, 4, 11]))), [1.0, 0.25, 0.25])
+
+
 def test_schedule_drives_the_update():
   cfg = config("sgd", lr=0.4, momentum=0.0, schedule="cosine", warmup_epochs=0.5)
   spe, total = 4, 8

@@ -277,7 +277,7 @@ def test_finetune_moves_encoder_and_convgru_at_a_tenth_of_the_head_lr(dpc_run):
   dp = parallel.DataParallel()
   data = pipeline.make_train_iterator(config.data, 16, 0)
   try:
-    batch = dp.shard_batch(method.layout(next(data)))
+    batch = dp.shard_batch(method.step_batch(next(data)))
   finally:
     data.close()
   before = jax.device_get(state)
@@ -331,8 +331,7 @@ def test_config_errors_name_the_key(dpc_run):
                             ("data.num_frames", 6, "num_seq x model.seq_len"),
                             ("optim.lr_mults", {"backbone": 0.1}, "backbone")):
     config = _probe_config("tiny,finetune", "")
-    parent, _, leaf = key.rpartition(".")
-    (config[parent] if parent else config)[leaf] = value
+    config.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match=match):
       vc.VideoClassifier(config).validate(8)
   # Flipping clips whose label is their direction of motion gives half of them the wrong label.

@@ -20,12 +20,13 @@ so a caller runs `ev.run(**{k: fns[k] for k in ev.requires})`. A new metric is
 one module and one REGISTRY line.
 """
 from collections.abc import Iterable, Mapping
-import difflib
 import importlib
 from typing import Any
 
 import jax
 import ml_collections
+
+from nda_jax import config_lib
 
 # type -> "module:Class"; a module is imported only when its type is used.
 REGISTRY: dict[str, str] = {
@@ -53,12 +54,6 @@ def default_config(type_name: str) -> ml_collections.ConfigDict:
   return config
 
 
-def did_you_mean(key: str, valid: Iterable[str]) -> str:
-  """' (did you mean ...?)' naming the close matches of a mistyped key, or ''."""
-  close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
-  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def validate(evals_cfg: ml_collections.ConfigDict) -> None:
   """ValueError for an unknown type, or a key its type does not declare (naming close ones)."""
   for name, entry in evals_cfg.items():
@@ -67,13 +62,13 @@ def validate(evals_cfg: ml_collections.ConfigDict) -> None:
                        f"{sorted(REGISTRY)}")
     if entry["type"] not in REGISTRY:
       raise ValueError(f"config.evals.{name}.type={entry['type']!r} is not an evaluator type"
-                       f"{did_you_mean(entry['type'], REGISTRY)}; valid types: "
+                       f"{config_lib.did_you_mean(entry['type'], REGISTRY)}; valid types: "
                        f"{sorted(REGISTRY)}")
     declared = default_config(entry["type"])
     for key in entry:
       if key not in declared:
         raise ValueError(f"config.evals.{name}.{key} is not a setting of a {entry['type']!r} "
-                         f"evaluator{did_you_mean(key, declared)}; its settings: "
+                         f"evaluator{config_lib.did_you_mean(key, declared)}; its settings: "
                          f"{sorted(declared)}")
 
 
@@ -97,7 +92,7 @@ def build(evals_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigD
   names = list(evals) if only is None else list(dict.fromkeys(only))
   for name in names:
     if name not in evals:
-      raise ValueError(f"no evaluator {name!r} in config.evals{did_you_mean(name, evals)}; "
-                       f"configured: {sorted(evals)}")
+      raise ValueError(f"no evaluator {name!r} in config.evals"
+                       f"{config_lib.did_you_mean(name, evals)}; configured: {sorted(evals)}")
   return {name: get_class(evals[name].type)(evals[name], data_cfg, workdir=workdir, mesh=mesh)
           for name in names}

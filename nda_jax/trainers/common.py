@@ -1,6 +1,7 @@
 """What every trainer shares: the metrics writer and the progress line."""
 import contextlib
 import json
+import threading
 import time
 from typing import Mapping
 
@@ -70,7 +71,8 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      _close_summary_writer(self._tb)
+      self._tb = None
 
 
 def _drop_records_after(path, text: str, step: int) -> str:
@@ -117,6 +119,72 @@ def _summary_writer(logdir: str):
                     "metrics.jsonl has the same numbers", logdir)
     return None
   return SummaryWriter(logdir)
+
+
+# How long closing waits for tensorboardX's last flush. Its gs:// writer uploads the
+# whole event file then, and google-cloud-storage retries that for up to 120 s when
+# the bucket is out of reach (116 s measured against a stopped server).
+TB_CLOSE_TIMEOUT_S = 20.0
+
+
+def _close_summary_writer(tb) -> None:
+  """Closes tensorboardX's writer. Its last flush may fail or hang (a full disk, a bucket
+  out of reach): the pending events are then given up with one warning (metrics.jsonl
+  holds the numbers) and the event files abandoned, since tensorboardX's atexit hook
+  and the files' finalizers would each flush again, ending the run's one-paragraph
+  error with a traceback or another 120 s of retries."""
+  writers = list((tb.all_writers or {}).values())
+  errors = []
+
+  def close():
+    try:
+      tb.close()
+    except Exception as e:  # pylint: disable=broad-except  (reported below)
+      errors.append(e)
+  closing = threading.Thread(target=close, daemon=True)
+  closing.start()
+  closing.join(TB_CLOSE_TIMEOUT_S)
+  if not (errors or closing.is_alive()):
+    for writer in writers:   # Closed; but a gs:// file uploads itself again when collected.
+      _no_more_uploads(writer.event_writer)
+    return
+  why = (f"{type(errors[0]).__name__}: {str(errors[0])[:300]}" if errors
+         else f"not done after {TB_CLOSE_TIMEOUT_S:.0f} s")
+  logging.warning("TensorBoard events in %s not all written (%s); metrics.jsonl has the "
+                  "same numbers", writers[0].get_logdir() if writers else "?", why)
+  for writer in writers:
+    _abandon(writer.event_writer)
+
+
+def _abandon(events) -> None:
+  """tensorboardX's EventFileWriter marked closed (its atexit hook skips it), its thread
+  told to stop (else it dies on the queue closed at exit, with a traceback), and the file
+  under it closed without a flush: a local file closes even when its flush fails; a
+  gs:// one no longer flushes, so its finalizer uploads nothing."""
+  # pylint: disable=protected-access
+  events._closed = True
+  worker = events._worker
+  if worker is not None and worker.is_alive():
+    try:
+      events._event_queue.put_nowait(worker._shutdown_signal)
+    except Exception:  # pylint: disable=broad-except  (a full queue: its thread is dead)
+      pass
+  if not _no_more_uploads(events):
+    try:
+      events._ev_writer._py_recordio_writer._writer.close()
+    except OSError:
+      pass
+
+
+def _no_more_uploads(events) -> bool:
+  """True for a gs:// event file, whose flush is then a no-op: tensorboardX's
+  GCSRecordWriter uploads the whole file on every close, including the one its
+  finalizer runs at exit (up to 120 s of retries when the bucket is gone)."""
+  target = events._ev_writer._py_recordio_writer._writer  # pylint: disable=protected-access
+  if not hasattr(target, "blob"):
+    return False
+  target.flush = lambda: None
+  return True
 
 
 def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict]:

@@ -237,7 +237,7 @@ class _Step:
     self._compiled = False
 
   def __call__(self, run: _Run) -> dict[str, jax.Array]:
-    host_batch = self._method.layout(run.progress.next_batch(run.data_iter))
+    host_batch = self._method.step_batch(run.progress.next_batch(run.data_iter))
     batch = self._dp.shard_batch(host_batch, batch_axis=self._method.batch_axis)
     if not self._compiled:
       parallel.compile_together(self._fn, run.carry, batch)

@@ -1,7 +1,7 @@
 """The interface between a training method (GAN, MoCo, DPC, a probe) and the generic loop.
 
 A method says what is specific to it — its TrainState, its per-device step,
-how a host batch is laid out for that step, the callables its evaluators
+the batch its step takes from a host batch (`step_batch`), the callables its evaluators
 need, and the artifacts it writes now and then. `loop.train_and_evaluate`
 does everything else (data, devices, checkpoints, resume, signals, NaN guard,
 logging and evaluation cadence), once for every method. The split follows
@@ -89,7 +89,7 @@ class Method:
   def init_state(self, rng: jax.Array) -> PyTree:
     raise NotImplementedError
 
-  def layout(self, host_batch: Batch) -> Batch:
+  def step_batch(self, host_batch: Batch) -> Batch:
     """This process's host batch -> the arrays the step takes (uint8 images stay uint8)."""
     return {k: host_batch[k] for k in ("image", "label") if k in host_batch}
 

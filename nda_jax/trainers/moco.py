@@ -19,6 +19,14 @@ keys of the global batch ('batch'), with the exponentiated logits scaled by
 `nda.weight`. The NDA pass does not update the key encoder's running BN
 averages: they describe real images.
 
+Online linear probe (solo-learn's online evaluation; `online_probe.enabled`):
+a linear classifier on the query encoder's pooled backbone features of the
+query view, stop-gradient (the encoder's update is the same with or without
+it), trained in the same step by its own optimizer (`online_probe.optim`) on
+the batch's labels; `probe_top1` / `probe_loss` (train) are in every log line
+and `classify_fn` (its logits on centre crops, inference-mode BN) serves a
+`classification` evaluator for the test top-1.
+
 BatchNorm: statistics over fixed-size groups of the global batch
 (`model.bn_group_size`), with keys reassigned to groups that never hold their
 own query (models/batch_norm.py), so the numbers do not depend on the
@@ -34,11 +42,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax.augment import negative
 from nda_jax.augment import positive
+from nda_jax.data import pipeline
 from nda_jax.models import batch_norm
 from nda_jax.models import resnet
 from nda_jax.trainers import method as method_lib
@@ -46,9 +56,6 @@ from nda_jax.trainers import method as method_lib
 PyTree = Any
 
 NDA_SOURCES = ("query_view", "image")
-# torchvision's ImageNet normalisation, which MoCo's encoders (and imported weights) expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @flax.struct.dataclass
@@ -62,6 +69,8 @@ class MoCoState:
   opt: optax.OptState
   queue: jax.Array          # [K, D] L2-normalised keys, a ring buffer
   queue_ptr: jax.Array      # where the next global batch of keys goes
+  probe: PyTree = None      # online linear probe {'kernel' [F, C], 'bias' [C]}; None: off
+  probe_opt: optax.OptState = None
 
 
 def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
@@ -70,21 +79,10 @@ def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
                               dtype=method_lib.compute_dtype(config), conv_impl=m.conv_impl)
 
 
-def normalize_input(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
-  """[-1, 1] images -> what the encoder sees ('imagenet': torchvision's mean/std)."""
-  if config.model.input_norm == "imagenet":
-    mean = jnp.asarray(IMAGENET_MEAN[:images.shape[-1]], jnp.float32)
-    std = jnp.asarray(IMAGENET_STD[:images.shape[-1]], jnp.float32)
-    return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
-  if config.model.input_norm == "none":
-    return images
-  raise ValueError(f"config.model.input_norm={config.model.input_norm!r}; "
-                   f"valid choices: ('imagenet', 'none')")
-
-
 def host_crops(config: ml_collections.ConfigDict) -> bool:
-  """Whether the data pipeline makes the training crops (config.data.crops='host')."""
-  return config.data.get("crops", "device") == "host"
+  """Whether the data pipeline makes the training crops (config.data.crops='host');
+  ValueError naming the key for another value or bad config.data.views."""
+  return pipeline.view_spec(config.data) is not None
 
 
 def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
@@ -100,6 +98,17 @@ def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
     raise ValueError(f"config.data.crops='host' makes the training crops from "
                      f"config.data.views={got}, but this recipe takes {want} (aug.crop_size, "
                      f"aug.scale, torchvision's ratio): set config.data.views to match")
+
+
+def probe_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trains an online probe (configs from before it have no section)."""
+  return "online_probe" in config and bool(config.online_probe.enabled)
+
+
+def probe_logits(probe: PyTree, features: jax.Array) -> jax.Array:
+  """The online probe: a linear map in float32 at full precision (it is tiny)."""
+  return jnp.dot(features.astype(jnp.float32), probe["kernel"],
+                 precision=jax.lax.Precision.HIGHEST) + probe["bias"]
 
 
 def nda_spec(nda_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -165,12 +174,21 @@ class MoCo(method_lib.Method):
         raise ValueError("config.nda.source='image' applies the NDA to the image before its "
                          "crop, which config.data.crops='host' makes on the host: use "
                          "--config.data.crops=device or --config.nda.source=query_view")
-    normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
+    images_lib.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     build_encoder(c)
+    if probe_enabled(c):
+      optim.validate(c.online_probe.optim, "config.online_probe.optim")
+      if c.data.num_classes < 2:
+        raise ValueError(f"config.online_probe.enabled=True needs labelled data: "
+                         f"config.data.num_classes={c.data.num_classes}")
 
   def optimizer(self) -> optax.GradientTransformation:
     return optim.build(self.config.optim.encoder, steps_per_epoch=self.steps_per_epoch,
                        total_steps=max(self.total_steps, 1), where="config.optim.encoder")
+
+  def probe_optimizer(self) -> optax.GradientTransformation:
+    return optim.build(self.config.online_probe.optim, steps_per_epoch=self.steps_per_epoch,
+                       total_steps=max(self.total_steps, 1), where="config.online_probe.optim")
 
   def init_state(self, rng: jax.Array) -> MoCoState:
     c = self.config
@@ -181,11 +199,19 @@ class MoCo(method_lib.Method):
         init_key, jnp.zeros((2, size, size, c.data.channels), jnp.float32))
     params, stats = variables["params"], variables["batch_stats"]
     queue = _normalize(jax.random.normal(queue_key, (c.moco.queue_size, c.model.head_dim)))
+    probe = probe_opt = None
+    if probe_enabled(c):   # Zeros, as solo-learn's nn.Linear would be after any init: no key.
+      features, _ = jax.eval_shape(functools.partial(encoder.apply, train=False), variables,
+                                   jnp.zeros((2, size, size, c.data.channels), jnp.float32))
+      probe = {"kernel": jnp.zeros((features.shape[-1], c.data.num_classes), jnp.float32),
+               "bias": jnp.zeros((c.data.num_classes,), jnp.float32)}
+      probe_opt = self.probe_optimizer().init(probe)
     return MoCoState(
         step=jnp.zeros((), jnp.int32), rng=train_key, params=params, batch_stats=stats,
         # Copies: the state is donated to each step, so nothing may alias.
         key_params=jax.tree.map(jnp.copy, params), key_batch_stats=jax.tree.map(jnp.copy, stats),
-        opt=self.optimizer().init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32))
+        opt=self.optimizer().init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32),
+        probe=probe, probe_opt=probe_opt)
 
   def make_step(self) -> method_lib.StepFn:
     c = self.config
@@ -194,6 +220,7 @@ class MoCo(method_lib.Method):
     lr_at = optim.learning_rate_schedule(c.optim.encoder, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=max(self.total_steps, 1))
     global_batch, group_size = c.train.batch_size, c.model.bn_group_size
+    probe_tx = self.probe_optimizer() if probe_enabled(c) else None
     nda_fn = (negative.build_nda(nda_spec(c.nda), axis_name=parallel.AXIS)
               if c.nda.enabled else None)
     aug = functools.partial(positive.mocov2_aug, out_size=c.aug.crop_size,
@@ -208,12 +235,12 @@ class MoCo(method_lib.Method):
 
     def encode(params, stats, x, groups):
       (features, projection), mutated = encoder.apply(
-          {"params": params, "batch_stats": stats}, normalize_input(c, x), train=True,
+          {"params": params, "batch_stats": stats}, images_lib.normalize_input(c, x), train=True,
           groups=groups, mutable=["batch_stats"])
       return _normalize(projection), mutated["batch_stats"], features
 
     def step(state: MoCoState, batch: dict) -> tuple[MoCoState, dict]:
-      images = parallel.to_float(batch["image"])
+      images = images_lib.to_float(batch["image"])
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
       if on_host:   # [b, 2, S, S, C]: the two crops, made on the host
@@ -248,8 +275,8 @@ class MoCo(method_lib.Method):
                         if c.nda.scope == "batch" else nda_k)
 
       def loss_fn(params):
-        q, stats, _ = encode(params, state.batch_stats, query_view,
-                             batch_norm.query_groups(b, group_size, global_batch))
+        q, stats, features = encode(params, state.batch_stats, query_view,
+                                    batch_norm.query_groups(b, group_size, global_batch))
         if nda_k is None:
           loss, metrics = losses.moco_infonce(q, k, state.queue, None,
                                               temperature=c.moco.temperature)
@@ -257,13 +284,29 @@ class MoCo(method_lib.Method):
           loss, metrics = losses.moco_infonce(q, k, state.queue, nda_for_loss,
                                               temperature=c.moco.temperature,
                                               nda_scope=c.nda.scope, nda_weight=c.nda.weight)
-        return loss, (metrics, stats)
+        return loss, (metrics, stats, features)
 
-      (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params)
+      (_, (metrics, batch_stats, features)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
       grads = jax.lax.pmean(grads, parallel.AXIS)
       updates, opt = tx.update(grads, state.opt, state.params)
       params = optax.apply_updates(state.params, updates)
+
+      probe, probe_opt = state.probe, state.probe_opt
+      if probe_tx is not None:   # On the features only: no gradient reaches the encoder.
+        features = jax.lax.stop_gradient(features)
+
+        def probe_loss(p):
+          logits = probe_logits(p, features)
+          loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+          return loss.mean(), logits
+
+        (metrics["probe_loss"], logits), probe_grads = jax.value_and_grad(
+            probe_loss, has_aux=True)(probe)
+        metrics["probe_top1"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        probe_updates, probe_opt = probe_tx.update(jax.lax.pmean(probe_grads, parallel.AXIS),
+                                                   probe_opt, probe)
+        probe = optax.apply_updates(probe, probe_updates)
 
       # Enqueue the whole global batch's keys (in global order), oldest out.
       new_keys = jax.lax.all_gather(k, parallel.AXIS, tiled=True)
@@ -276,7 +319,8 @@ class MoCo(method_lib.Method):
       metrics["lr"] = lr_at(state.step)
       new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                 key_params=key_params, key_batch_stats=key_stats, opt=opt,
-                                queue=queue, queue_ptr=queue_ptr)
+                                queue=queue, queue_ptr=queue_ptr, probe=probe,
+                                probe_opt=probe_opt)
       return new_state, metrics
 
     return step
@@ -284,18 +328,14 @@ class MoCo(method_lib.Method):
   # ---------------------------------------------------------------- evaluation
   def make_eval_fns(self, dp: parallel.DataParallel) -> dict[str, Callable[..., Any]]:
     """embed_fn(state, uint8 images): pooled backbone features of the query encoder
-    in inference mode (running BN averages), sharded over the mesh."""
-    return {"embed_fn": make_embedder(self.config, dp)}
-
-
-def center_crop(images: jax.Array, size: int) -> jax.Array:
-  """The central size x size of larger host images (torchvision's Resize(256) + CenterCrop(224)
-  when the host decodes at 256 and views are 224)."""
-  h, w = images.shape[1:3]
-  if h < size or w < size:
-    raise ValueError(f"images of {h}x{w} are smaller than config.aug.crop_size={size}")
-  top, left = (h - size) // 2, (w - size) // 2
-  return images[:, top:top + size, left:left + size]
+    in inference mode (running BN averages), sharded over the mesh; with the online
+    probe, classify_fn(state, uint8 images): its logits on those features."""
+    fns = {"embed_fn": make_embedder(self.config, dp)}
+    if probe_enabled(self.config):
+      embed = make_embedder(self.config)
+      fns["classify_fn"] = dp.map_over_batch(
+          lambda state, images: probe_logits(state.probe, embed(state, images)))
+    return fns
 
 
 def make_embedder(config: ml_collections.ConfigDict,
@@ -311,7 +351,8 @@ def make_embedder(config: ml_collections.ConfigDict,
       variables = {"params": state.params, "batch_stats": state.batch_stats}
     else:
       variables = state
-    x = normalize_input(config, center_crop(parallel.to_float(images_u8), config.aug.crop_size))
+    x = images_lib.normalize_input(config, images_lib.center_crop(images_lib.to_float(images_u8),
+                                                                 config.aug.crop_size))
     features, _ = encoder.apply(variables, x, train=False)
     return features
 
