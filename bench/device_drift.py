@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
 from configs import demo_moco  # noqa: E402
+from nda_jax import images as images_lib  # noqa: E402
 from nda_jax import losses  # noqa: E402
 from nda_jax import parallel  # noqa: E402
 from nda_jax.models import batch_norm  # noqa: E402
@@ -101,7 +102,7 @@ def moco_run(devices: int, state, images):
   dp = parallel.DataParallel("shard_map", devices)
   method = moco.MoCo(c)
   method.validate(dp.num_devices)
-  real_loss, real_norm = losses.moco_infonce, moco.normalize_input
+  real_loss, real_norm = losses.moco_infonce, images_lib.normalize_input
   views = []
   gather = lambda x: jax.lax.all_gather(x, parallel.AXIS, tiled=True)
 
@@ -123,7 +124,7 @@ def moco_run(devices: int, state, images):
     return real_loss(q, k, queue, nda_k, **kwargs)
 
   with mock.patch.object(losses, "moco_infonce", moco_infonce), \
-      mock.patch.object(moco, "normalize_input", normalize_input):
+      mock.patch.object(images_lib, "normalize_input", normalize_input):
     step = dp.step(method.make_step())
     after, metrics = step(dp.put_state(state), dp.shard_batch({"image": images}))
     metrics = jax.device_get(metrics)
@@ -136,7 +137,7 @@ def moco_run(devices: int, state, images):
   def forward(st, view):   # the step's query forward, intermediates kept
     groups = batch_norm.query_groups(view.shape[0], c.model.bn_group_size, B)
     _, mutated = encoder.apply({"params": st.params, "batch_stats": st.batch_stats},
-                               moco.normalize_input(c, view), train=True, groups=groups,
+                               images_lib.normalize_input(c, view), train=True, groups=groups,
                                capture_intermediates=True, mutable=["batch_stats",
                                                                     "intermediates"])
     return jax.tree.map(lambda x: x, mutated["intermediates"])

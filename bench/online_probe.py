@@ -12,13 +12,18 @@ minus 1, printed with XLA's FLOP ratio beside it. The probe adds one
 of 2M parameters to a step of two ResNet-50 forwards and one backward: a
 small fraction that shrinks with the input size.
 """
-import argparse
-
+from absl import app
+from absl import flags
 import numpy as np
 
 from configs import imagenet_moco
 from nda_jax.trainers import moco
 import timing
+
+_IMAGE = flags.DEFINE_integer("image", 64, "Host image side.")
+_CROP = flags.DEFINE_integer("crop", 56, "View (crop) side.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Global batch.")
+_ITERS = flags.DEFINE_integer("iters", 7, "Timed steps per variant.")
 
 
 def make_config(image: int, crop: int, batch: int, probe: bool):
@@ -31,27 +36,22 @@ def make_config(image: int, crop: int, batch: int, probe: bool):
   return c
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image", type=int, default=64)
-  parser.add_argument("--crop", type=int, default=56)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--iters", type=int, default=7)
-  args = parser.parse_args()
+def main(argv):
+  del argv
+  image, crop, batch, iters = _IMAGE.value, _CROP.value, _BATCH.value, _ITERS.value
   rng = np.random.RandomState(0)
-  host = {"image": rng.randint(0, 256, (args.batch, args.image, args.image, 3)).astype(np.uint8),
-          "label": rng.randint(0, 1000, args.batch).astype(np.int32)}
-  runners = {v: timing.StepRunner(moco.MoCo(make_config(args.image, args.crop, args.batch,
-                                                        v == "probe")), host)
+  host = {"image": rng.randint(0, 256, (batch, image, image, 3)).astype(np.uint8),
+          "label": rng.randint(0, 1000, batch).astype(np.int32)}
+  runners = {v: timing.StepRunner(moco.MoCo(make_config(image, crop, batch, v == "probe")), host)
              for v in ("off", "probe")}
-  sec = timing.median_seconds(runners, args.iters)
+  sec = timing.median_seconds(runners, iters)
   flops = {v: r.flops for v, r in runners.items()}
   for v in runners:
-    print(f"{v:>6}: {sec[v]:.3f} s/step (median of {args.iters}), {flops[v] / 1e9:.2f} GFLOP")
+    print(f"{v:>6}: {sec[v]:.3f} s/step (median of {iters}), {flops[v] / 1e9:.2f} GFLOP")
   print(f"online probe: {sec['probe'] / sec['off'] - 1:+.2%} of a step's time, "
-        f"{flops['probe'] / flops['off'] - 1:+.2%} of its FLOPs (R50, {args.crop} px crops, "
-        f"batch {args.batch})")
+        f"{flops['probe'] / flops['off'] - 1:+.2%} of its FLOPs (R50, {crop} px crops, "
+        f"batch {batch})")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -52,7 +52,6 @@ def get_config(arg=None):
   if "tiny" in variants:
     c.model.width = 4
     c.model.bn_group_size = 8
-    c.aug.scale = (0.2, 1.0)            # aug+'s: 1 and 8 devices agree (docs/demos.md)
     c.train.batch_size = 32
     c.moco.queue_size = 128
     c.train.total_steps = 4

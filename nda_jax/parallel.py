@@ -142,11 +142,6 @@ def example_index(local_batch: int) -> jax.Array:
   return jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
 
 
-def to_float(images_u8: jax.Array) -> jax.Array:
-  """uint8 host images -> float32 in [-1, 1], the range every model sees."""
-  return images_u8.astype(jnp.float32) / 127.5 - 1.0
-
-
 def per_example_keys(rng: jax.Array, local_batch: int) -> jax.Array:
   """One key per example of this device's shard, folded from the global index."""
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_index(local_batch))

@@ -292,6 +292,10 @@ def test_moco_checks_its_host_views(tmp_path):
   with pytest.raises(ValueError, match=r"config.data.views=.*'scale': \(0.08, 1.0\)"):
     moco.MoCo(c).validate(8)
   c.data.views.scale = tuple(c.aug.scale)
+  c.data.crops = "hots"
+  with pytest.raises(ValueError, match=r"config.data.crops='hots'; valid choices"):
+    moco.MoCo(c).validate(8)
+  c.data.crops = "host"
   c.nda.source = "image"
   with pytest.raises(ValueError, match="nda.source='image'.*crops=device"):
     moco.MoCo(c).validate(8)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import nbclient
 import nbformat
 import numpy as np
@@ -29,12 +30,13 @@ STEPS = 10
 
 
 def demo_config():
-  """demo:tiny with demo's fd_digits entry at every checkpoint (100 samples) and keep=1."""
+  """demo:tiny with the demo's fd_digits entry (its only evaluator here) at every checkpoint
+  (100 samples) and keep=1."""
   spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   config = demo.get_config("tiny")
-  config.evals = demo.get_config().evals
+  config.evals = ml_collections.ConfigDict({"fd_digits": demo.get_config().evals.fd_digits})
   config.evals.fd_digits.update(every=2, num_samples=100, sample_batch_size=16)
   config.train.total_steps = STEPS
   config.checkpoint.update(every=2, keep=1, async_save=False)

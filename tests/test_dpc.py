@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo_video
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
@@ -22,7 +23,6 @@ from nda_jax.data import sources
 from nda_jax.models import dpc as dpc_model
 from nda_jax.trainers import common
 from nda_jax.trainers import dpc
-from nda_jax.trainers import moco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_NDAS = "+".join(dpc.NDAS)
@@ -31,12 +31,7 @@ ALL_NDAS = "+".join(dpc.NDAS)
 def tiny_config(**overrides):
   c = demo_video.get_config("tiny")
   c.checkpoint.async_save = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -170,7 +165,7 @@ def test_no_nda_feature_equals_its_positive():
   clips_u8 = sources.make_source(c.data, "test")
   clips_u8 = np.stack([clips_u8[i]["image"] for i in range(16)])
   keys = jax.random.split(jax.random.PRNGKey(3), 16)
-  clips = jax.jit(lambda k, x: dpc.augment(c, k, parallel.to_float(x)))(keys, clips_u8)
+  clips = jax.jit(lambda k, x: dpc.augment(c, k, images_lib.to_float(x)))(keys, clips_u8)
   kinds = jax.random.split(jax.random.PRNGKey(4), 16)
   nda = jax.jit(dpc.make_nda_fn(c, axis_name=None))(kinds, clips)
   m = c.model
@@ -183,7 +178,7 @@ def test_no_nda_feature_equals_its_positive():
 
   model = dpc.build_model(c)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  encode = jax.jit(lambda x: model.apply(variables, moco.normalize_input(c, x),
+  encode = jax.jit(lambda x: model.apply(variables, images_lib.normalize_input(c, x),
                                          method=dpc_model.DPC.encode))
   d = 4 * m.width
   target = np.asarray(encode(clips)[:, m.num_seq - m.pred_step:]).reshape(16, -1, d)

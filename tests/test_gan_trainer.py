@@ -25,12 +25,7 @@ def tiny_config(**overrides):
   spec.loader.exec_module(module)
   config = module.get_config("tiny")
   config.checkpoint.async_save = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

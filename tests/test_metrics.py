@@ -10,7 +10,7 @@ from scipy import linalg
 from scipy import special
 
 from nda_jax import evaluators
-from nda_jax import parallel
+from nda_jax import images as images_lib
 from nda_jax.evaluators import digits_classifier
 from nda_jax.evaluators import features as features_lib
 from nda_jax.evaluators import fid
@@ -239,7 +239,7 @@ def test_sharded_features_equal_unsharded_stats():
 def test_to_unit_range_and_quantize():
   u8 = np.array([0, 128, 255], np.uint8)
   np.testing.assert_allclose(features_lib.to_unit_range(u8), [-1, 128 / 127.5 - 1, 1], atol=1e-7)
-  np.testing.assert_array_equal(features_lib.to_unit_range(u8), parallel.to_float(u8))
+  np.testing.assert_array_equal(features_lib.to_unit_range(u8), images_lib.to_float(u8))
   x = jnp.array([-1.0, 0.0, 0.999, 1.0])
   np.testing.assert_array_equal(features_lib.to_unit_range(x), x)
   # np.uint8(255 * (x + 1) / 2) truncates: 0 -> 127, 0.999 -> 254.

@@ -2,7 +2,7 @@
 on-device views, main's exact resume with the kNN monitor, config validation.
 
 The step is observed through spies, not re-implemented: `losses.moco_infonce` and
-`moco.normalize_input` are wrapped (while the step is traced) to return what the step
+`images.normalize_input` are wrapped (while the step is traced) to return what the step
 hands them -- the queries, keys, NDA keys and queue given to the loss, and the views
 given to the encoders -- gathered over the devices into the metrics. Spied programs
 are the same for every test of a config (compiled once, cached on disk).
@@ -23,6 +23,7 @@ import pytest
 
 from configs import demo_moco
 from nda_jax import checkpoint as ckpt_lib
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import parallel
 from nda_jax import trainers
@@ -40,12 +41,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c = demo_moco.get_config("tiny")
   c.checkpoint.async_save = False
   c.moco.queue_size = K
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -68,7 +64,7 @@ def _gather(x):
 @contextlib.contextmanager
 def spying():
   """While active, a traced MoCo step reports its loss inputs and views as metrics."""
-  real_loss, real_norm = losses.moco_infonce, moco.normalize_input
+  real_loss, real_norm = losses.moco_infonce, images_lib.normalize_input
   views = []
 
   def normalize_input(config, images):
@@ -85,11 +81,11 @@ def spying():
     views.clear()
     return loss, {**metrics, **{SPY + name: x for name, x in seen.items()}}
 
-  losses.moco_infonce, moco.normalize_input = moco_infonce, normalize_input
+  losses.moco_infonce, images_lib.normalize_input = moco_infonce, normalize_input
   try:
     yield
   finally:
-    losses.moco_infonce, moco.normalize_input = real_loss, real_norm
+    losses.moco_infonce, images_lib.normalize_input = real_loss, real_norm
 
 
 @functools.cache

@@ -331,8 +331,7 @@ def test_config_errors_name_the_key(dpc_run):
                             ("data.num_frames", 6, "num_seq x model.seq_len"),
                             ("optim.lr_mults", {"backbone": 0.1}, "backbone")):
     config = _probe_config("tiny,finetune", "")
-    parent, _, leaf = key.rpartition(".")
-    (config[parent] if parent else config)[leaf] = value
+    config.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match=match):
       vc.VideoClassifier(config).validate(8)
   # Flipping clips whose label is their direction of motion gives half of them the wrong label.

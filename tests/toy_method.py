@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from nda_jax import evaluators
+from nda_jax import images as images_lib
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax.trainers import method as method_lib
@@ -41,7 +42,7 @@ class Toy(method_lib.Method):
     tx = self._tx()
 
     def step(state, batch):
-      x = parallel.to_float(batch["image"]).reshape(batch["image"].shape[0], -1)
+      x = images_lib.to_float(batch["image"]).reshape(batch["image"].shape[0], -1)
 
       def loss_fn(params):
         logits = x @ params["w"] + params["b"]
@@ -59,7 +60,7 @@ class Toy(method_lib.Method):
   def make_eval_fns(self, dp):
     @jax.jit
     def embed(state, images_u8):
-      x = parallel.to_float(images_u8).reshape(images_u8.shape[0], -1)
+      x = images_lib.to_float(images_u8).reshape(images_u8.shape[0], -1)
       return x @ state.params["w"]
     return {"embed_fn": embed}
 

@@ -24,9 +24,9 @@ Randomness: the boxes of an example come from NumPy's Philox seeded with
 same views, any worker count gives the same views, and a record's boxes
 differ from epoch to epoch.
 """
+from collections.abc import Sequence
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

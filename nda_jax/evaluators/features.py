@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nda_jax import images as images_lib
 from nda_jax import parallel
 from nda_jax.evaluators import metrics
 
@@ -31,17 +32,17 @@ Features = dict[str, np.ndarray]
 def to_unit_range(images: jax.Array, quantize: bool = False) -> jax.Array:
   """uint8 [0, 255] or float [-1, 1] -> float32 [-1, 1].
 
-  uint8 goes through `parallel.to_float`, the conversion the models were
+  uint8 goes through `images.to_float`, the conversion the models were
   trained with. `quantize` first truncates float images to the 256 levels a
   uint8 file would hold, as BigGAN-PyTorch's `sample.py`
   (`np.uint8(255 * (x + 1) / 2)`) does before the official FID is computed;
   those levels then take the same `to_float` path as real uint8 images.
   """
   if images.dtype == jnp.uint8:
-    return parallel.to_float(images)
+    return images_lib.to_float(images)
   x = jnp.asarray(images, jnp.float32)
   if quantize:
-    return parallel.to_float(jnp.floor(jnp.clip(255.0 * (x + 1.0) / 2.0, 0.0, 255.0))
+    return images_lib.to_float(jnp.floor(jnp.clip(255.0 * (x + 1.0) / 2.0, 0.0, 255.0))
                              .astype(jnp.uint8))
   return x
 

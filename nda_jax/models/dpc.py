@@ -41,7 +41,7 @@ Differences, on purpose:
 - 1x3x3 convs are stored as 2-D [3, 3, in, out] kernels (`layers.Conv`, fast
   weight gradients on CPU), 3x3x3 ones as [3, 3, 3, in, out] (XLA's 3-D conv).
 
-Clips are float `[B, T, H, W, C]` (the video NDA layout, `parallel.to_float`
+Clips are float `[B, T, H, W, C]` (the video NDA layout, `images.to_float`
 values), T = blocks x `seq_len`.
 """
 import math

@@ -145,6 +145,8 @@ def _close_summary_writer(tb) -> None:
   closing.start()
   closing.join(TB_CLOSE_TIMEOUT_S)
   if not (errors or closing.is_alive()):
+    for writer in writers:   # Closed; but a gs:// file uploads itself again when collected.
+      _no_more_uploads(writer.event_writer)
     return
   why = (f"{type(errors[0]).__name__}: {str(errors[0])[:300]}" if errors
          else f"not done after {TB_CLOSE_TIMEOUT_S:.0f} s")
@@ -167,14 +169,22 @@ def _abandon(events) -> None:
       events._event_queue.put_nowait(worker._shutdown_signal)
     except Exception:  # pylint: disable=broad-except  (a full queue: its thread is dead)
       pass
-  target = events._ev_writer._py_recordio_writer._writer
-  if hasattr(target, "blob"):      # tensorboardX's GCSRecordWriter
-    target.flush = lambda: None
-  else:
+  if not _no_more_uploads(events):
     try:
-      target.close()
+      events._ev_writer._py_recordio_writer._writer.close()
     except OSError:
       pass
+
+
+def _no_more_uploads(events) -> bool:
+  """True for a gs:// event file, whose flush is then a no-op: tensorboardX's
+  GCSRecordWriter uploads the whole file on every close, including the one its
+  finalizer runs at exit (up to 120 s of retries when the bucket is gone)."""
+  target = events._ev_writer._py_recordio_writer._writer  # pylint: disable=protected-access
+  if not hasattr(target, "blob"):
+    return False
+  target.flush = lambda: None
+  return True
 
 
 def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict]:

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
@@ -65,7 +66,6 @@ from nda_jax.augment import video
 from nda_jax.models import batch_norm
 from nda_jax.models import dpc as dpc_model
 from nda_jax.trainers import method as method_lib
-from nda_jax.trainers import moco
 
 PyTree = Any
 
@@ -116,6 +116,19 @@ def observed_frames(config: ml_collections.ConfigDict) -> int:
   """Frames of the blocks the ConvGRU reads; the rest are the predicted (future) blocks."""
   m = config.model
   return (m.num_seq - m.pred_step) * m.seq_len
+
+
+def check_clips(config: ml_collections.ConfigDict) -> None:
+  """ValueError unless a clip is the model's blocks (data.num_frames = model.num_seq x
+  model.seq_len) and the crop fits its frames; the video classifier's clips are the same."""
+  c = config
+  frames = c.model.num_seq * c.model.seq_len
+  if c.data.get("num_frames") != frames:
+    raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
+                     f"model.num_seq x model.seq_len = {frames}")
+  if not 0 < c.aug.crop_size <= c.data.image_size:
+    raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
+                     f"[1, config.data.image_size={c.data.image_size}]")
 
 
 def augment(config: ml_collections.ConfigDict, keys: jax.Array, clips: jax.Array) -> jax.Array:
@@ -191,13 +204,7 @@ class DPC(method_lib.Method):
       raise ValueError(f"config.dpc.candidate_group_size={c.dpc.candidate_group_size} must be 0 "
                        f"(the global batch) or divide the batch {b}, and divide or be a multiple "
                        f"of the {local} clips per device")
-    frames = c.model.num_seq * c.model.seq_len
-    if c.data.get("num_frames") != frames:
-      raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
-                       f"model.num_seq x model.seq_len = {frames}")
-    if not 0 < c.aug.crop_size <= c.data.image_size:
-      raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
-                       f"[1, config.data.image_size={c.data.image_size}]")
+    check_clips(c)
     if c.nda.enabled:
       video.build_video_nda(nda_spec(c))
       if c.nda.scope not in losses.NDA_SCOPES_DPC:
@@ -205,7 +212,7 @@ class DPC(method_lib.Method):
                          f"{losses.NDA_SCOPES_DPC}")
       if c.nda.weight < 0:
         raise ValueError(f"config.nda.weight={c.nda.weight} must be >= 0")
-    moco.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
+    images_lib.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     jax.eval_shape(self._init_variables, jax.random.key(0, impl="unsafe_rbg"))  # model errors
 
   def optimizer(self) -> optax.GradientTransformation:
@@ -246,10 +253,10 @@ class DPC(method_lib.Method):
       b = batch["image"].shape[0]
       key = jax.random.fold_in(state.rng, state.step)
       keys = lambda salt: parallel.per_example_keys(jax.random.fold_in(key, salt), b)
-      clips = augment(c, keys(0), parallel.to_float(batch["image"]))
+      clips = augment(c, keys(0), images_lib.to_float(batch["image"]))
       groups = batch_norm.query_groups(b, c.model.bn_group_size, global_batch)
-      nda_clips = None if nda_fn is None else moco.normalize_input(c, nda_fn(keys(2), clips))
-      clips = moco.normalize_input(c, clips)
+      nda_clips = None if nda_fn is None else images_lib.normalize_input(c, nda_fn(keys(2), clips))
+      clips = images_lib.normalize_input(c, clips)
 
       def loss_fn(params):
         (pred, target, _), mutated = model.apply(
@@ -293,7 +300,7 @@ def make_embedder(config: ml_collections.ConfigDict,
       variables = {"params": state.params, "batch_stats": state.batch_stats}
     else:
       variables = state
-    x = moco.normalize_input(config, center_view(config, parallel.to_float(clips_u8)))
+    x = images_lib.normalize_input(config, center_view(config, images_lib.to_float(clips_u8)))
     return model.apply(variables, x, method=dpc_model.DPC.context)
 
   return jax.jit(embed) if dp is None else dp.map_over_batch(embed)

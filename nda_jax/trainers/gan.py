@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
@@ -178,7 +179,7 @@ class GAN(method_lib.Method):
       j, images_u8, y_real = xs
       b = images_u8.shape[0]
       step_key = jax.random.fold_in(key, j)
-      real = parallel.to_float(images_u8)
+      real = images_lib.to_float(images_u8)
       z, y_fake = sample_latents(jax.random.fold_in(step_key, 0), b)
       nda = nda_fn(parallel.per_example_keys(jax.random.fold_in(step_key, 1), b), real)
       # G runs in train mode without gradients (BN batch statistics, running stats

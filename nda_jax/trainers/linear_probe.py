@@ -37,6 +37,7 @@ import ml_collections
 import optax
 
 from nda_jax import config_lib
+from nda_jax import images as images_lib
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax import trainers
@@ -178,7 +179,7 @@ class LinearProbe(method_lib.Method):
     on_host = moco.host_crops(c)
 
     def step(state: LinearProbeState, batch: dict) -> tuple[LinearProbeState, dict]:
-      images = parallel.to_float(batch["image"])
+      images = images_lib.to_float(batch["image"])
       labels = batch["label"]
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
@@ -189,7 +190,7 @@ class LinearProbe(method_lib.Method):
             parallel.per_example_keys(jax.random.fold_in(key, 0), b), images, crop, scale=scale)
       view = positive.random_flip(parallel.per_example_keys(jax.random.fold_in(key, 1), b),
                                   view, p=p_flip)
-      features = backbone.apply(state.backbone, moco.normalize_input(enc, view), train=False)
+      features = backbone.apply(state.backbone, images_lib.normalize_input(enc, view), train=False)
       features = jax.lax.stop_gradient(features)
 
       def loss_fn(classifier):
@@ -215,7 +216,8 @@ class LinearProbe(method_lib.Method):
     backbone = self.backbone_module()
 
     def classify(state: LinearProbeState, images_u8: jax.Array) -> jax.Array:
-      x = moco.normalize_input(enc, moco.center_crop(parallel.to_float(images_u8), crop))
+      x = images_lib.normalize_input(enc, images_lib.center_crop(images_lib.to_float(images_u8),
+                                                                 crop))
       return logits_of(state.classifier, backbone.apply(state.backbone, x, train=False))
 
     return {"classify_fn": dp.map_over_batch(classify)}

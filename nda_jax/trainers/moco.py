@@ -42,11 +42,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nda_jax import images as images_lib
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax.augment import negative
 from nda_jax.augment import positive
+from nda_jax.data import pipeline
 from nda_jax.models import batch_norm
 from nda_jax.models import resnet
 from nda_jax.trainers import method as method_lib
@@ -54,9 +56,6 @@ from nda_jax.trainers import method as method_lib
 PyTree = Any
 
 NDA_SOURCES = ("query_view", "image")
-# torchvision's ImageNet normalisation, which MoCo's encoders (and imported weights) expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @flax.struct.dataclass
@@ -80,21 +79,10 @@ def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
                               dtype=method_lib.compute_dtype(config), conv_impl=m.conv_impl)
 
 
-def normalize_input(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
-  """[-1, 1] images -> what the encoder sees ('imagenet': torchvision's mean/std)."""
-  if config.model.input_norm == "imagenet":
-    mean = jnp.asarray(IMAGENET_MEAN[:images.shape[-1]], jnp.float32)
-    std = jnp.asarray(IMAGENET_STD[:images.shape[-1]], jnp.float32)
-    return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
-  if config.model.input_norm == "none":
-    return images
-  raise ValueError(f"config.model.input_norm={config.model.input_norm!r}; "
-                   f"valid choices: ('imagenet', 'none')")
-
-
 def host_crops(config: ml_collections.ConfigDict) -> bool:
-  """Whether the data pipeline makes the training crops (config.data.crops='host')."""
-  return config.data.get("crops", "device") == "host"
+  """Whether the data pipeline makes the training crops (config.data.crops='host');
+  ValueError naming the key for another value or bad config.data.views."""
+  return pipeline.view_spec(config.data) is not None
 
 
 def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
@@ -186,7 +174,7 @@ class MoCo(method_lib.Method):
         raise ValueError("config.nda.source='image' applies the NDA to the image before its "
                          "crop, which config.data.crops='host' makes on the host: use "
                          "--config.data.crops=device or --config.nda.source=query_view")
-    normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
+    images_lib.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     build_encoder(c)
     if probe_enabled(c):
       optim.validate(c.online_probe.optim, "config.online_probe.optim")
@@ -247,12 +235,12 @@ class MoCo(method_lib.Method):
 
     def encode(params, stats, x, groups):
       (features, projection), mutated = encoder.apply(
-          {"params": params, "batch_stats": stats}, normalize_input(c, x), train=True,
+          {"params": params, "batch_stats": stats}, images_lib.normalize_input(c, x), train=True,
           groups=groups, mutable=["batch_stats"])
       return _normalize(projection), mutated["batch_stats"], features
 
     def step(state: MoCoState, batch: dict) -> tuple[MoCoState, dict]:
-      images = parallel.to_float(batch["image"])
+      images = images_lib.to_float(batch["image"])
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
       if on_host:   # [b, 2, S, S, C]: the two crops, made on the host
@@ -288,7 +276,7 @@ class MoCo(method_lib.Method):
 
       def loss_fn(params):
         q, stats, features = encode(params, state.batch_stats, query_view,
-                             batch_norm.query_groups(b, group_size, global_batch))
+                                    batch_norm.query_groups(b, group_size, global_batch))
         if nda_k is None:
           loss, metrics = losses.moco_infonce(q, k, state.queue, None,
                                               temperature=c.moco.temperature)
@@ -350,16 +338,6 @@ class MoCo(method_lib.Method):
     return fns
 
 
-def center_crop(images: jax.Array, size: int) -> jax.Array:
-  """The central size x size of larger host images (torchvision's Resize(256) + CenterCrop(224)
-  when the host decodes at 256 and views are 224)."""
-  h, w = images.shape[1:3]
-  if h < size or w < size:
-    raise ValueError(f"images of {h}x{w} are smaller than config.aug.crop_size={size}")
-  top, left = (h - size) // 2, (w - size) // 2
-  return images[:, top:top + size, left:left + size]
-
-
 def make_embedder(config: ml_collections.ConfigDict,
                   dp: parallel.DataParallel | None = None) -> Callable[..., jax.Array]:
   """`embed(state_or_variables, uint8 images) -> [B, F]` backbone features (before the head).
@@ -373,7 +351,8 @@ def make_embedder(config: ml_collections.ConfigDict,
       variables = {"params": state.params, "batch_stats": state.batch_stats}
     else:
       variables = state
-    x = normalize_input(config, center_crop(parallel.to_float(images_u8), config.aug.crop_size))
+    x = images_lib.normalize_input(config, images_lib.center_crop(images_lib.to_float(images_u8),
+                                                                 config.aug.crop_size))
     features, _ = encoder.apply(variables, x, train=False)
     return features
 

@@ -58,6 +58,7 @@ import ml_collections
 import optax
 
 from nda_jax import config_lib
+from nda_jax import images as images_lib
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax import trainers
@@ -66,7 +67,6 @@ from nda_jax.models import batch_norm
 from nda_jax.models import dpc as dpc_model
 from nda_jax.trainers import dpc as dpc_trainer
 from nda_jax.trainers import method as method_lib
-from nda_jax.trainers import moco
 
 PyTree = Any
 
@@ -191,13 +191,7 @@ class VideoClassifier(method_lib.Method):
     if b % c.model.bn_group_size:
       raise ValueError(f"config.model.bn_group_size={c.model.bn_group_size} must divide the "
                        f"batch {b}")
-    frames = c.model.num_seq * c.model.seq_len
-    if c.data.get("num_frames") != frames:
-      raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
-                       f"model.num_seq x model.seq_len = {frames}")
-    if not 0 < c.aug.crop_size <= c.data.image_size:
-      raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
-                       f"[1, config.data.image_size={c.data.image_size}]")
+    dpc_trainer.check_clips(c)
     for key in ("model.head_dropout", "model.gru_dropout"):
       method_lib.check_range(c, key, low=0.0, high=0.99)
     for key in ("aug.p_jitter", "aug.p_flip"):
@@ -209,7 +203,7 @@ class VideoClassifier(method_lib.Method):
     low, high = c.aug.scale
     if not 0 < low <= high <= 1:
       raise ValueError(f"config.aug.scale={tuple(c.aug.scale)} must satisfy 0 < low <= high <= 1")
-    moco.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
+    images_lib.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     self._check_pretrained()
     # Model and optimizer errors (e.g. lr_mults naming no parameter group), no compilation.
     jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
@@ -273,7 +267,8 @@ class VideoClassifier(method_lib.Method):
       b = labels.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
       keys = lambda salt: parallel.per_example_keys(jax.random.fold_in(key, salt), b)
-      clips = moco.normalize_input(c, augment(c, keys(0), parallel.to_float(batch["image"])))
+      clips = images_lib.normalize_input(
+          c, augment(c, keys(0), images_lib.to_float(batch["image"])))
       groups = batch_norm.query_groups(b, c.model.bn_group_size, global_batch)
 
       def features(params):
@@ -322,7 +317,7 @@ class VideoClassifier(method_lib.Method):
     dpc, head = build_dpc(c), build_head(c)
 
     def classify(state: VideoClassifierState, clips_u8: jax.Array) -> jax.Array:
-      x = moco.normalize_input(c, dpc_trainer.center_view(c, parallel.to_float(clips_u8)))
+      x = images_lib.normalize_input(c, dpc_trainer.center_view(c, images_lib.to_float(clips_u8)))
       context = dpc.apply(_encoder_variables(state.params, state.batch_stats), x,
                           method=dpc_model.DPC.context)
       return head.apply({"params": state.params["head"],
