@@ -7,15 +7,16 @@ As tests/test_bf16.py does for the GAN, gradients are read off one plain-SGD ste
 initial state and the same real images (digits; moving-digits clips for DPC).
 The tiny configs at width 16, seed 0. The worst weight tensor moves a lot from
 batch to batch (bf16 rounding of activations adds up along the backward pass, and
-BN over 8-example groups amplifies it): on an AVX-512 Xeon this test's batch gave a
-worst norm error of 27% where another CPU gave 16%. So the per-tensor bounds are
-mean - 3 sd / mean + 3 sd of `bench/bf16_drift.py` over 10 batches (MoCo) and 6
-(DPC) on that Xeon: worst cosine mean 0.893 sd 0.040 (MoCo), 0.901 sd 0.021 (DPC)
--> > 0.77; worst norm error mean 0.155 sd 0.089 (MoCo), 0.091 sd 0.034 (DPC) ->
-< 0.42. The cosine of all weight tensors together is the discriminating check:
-mean 0.950 sd 0.010 (MoCo), 0.937 sd 0.008 (DPC), min 0.926 -> > 0.9. The loss
-stays within 2% relative (0.02% / 0.6%). At width 4 the worst tensor was at 0.85 /
-0.89: these figures describe bf16 at this scale, not a bound for any model.
+BN over 8-example groups amplifies it): on an AVX-512 Xeon the worst norm error
+was 27% on one batch where another CPU gave 16% on it. So the per-tensor bounds
+are mean - 3 sd / mean + 3 sd of `bench/bf16_drift.py` over 10 batches (MoCo,
+aug.scale (0.5, 1)) and 6 (DPC) on that Xeon: worst cosine mean 0.910 sd 0.027
+(MoCo), 0.901 sd 0.021 (DPC) -> > 0.82; worst norm error mean 0.120 sd 0.059
+(MoCo, max 0.269), 0.091 sd 0.034 (DPC) -> < 0.30. The cosine of all weight
+tensors together is the discriminating check: mean 0.955 sd 0.007 (MoCo), 0.937
+sd 0.008 (DPC), min 0.926 -> > 0.9. The loss stays within 2% relative (0.02% /
+0.6%). At width 4 the worst tensor was at 0.85 / 0.89: these figures describe
+bf16 at this scale, not a bound for any model.
 """
 import jax
 import numpy as np
@@ -31,8 +32,8 @@ from test_bf16 import LR
 from test_bf16 import _gradients
 
 LOSS_RTOL = 2e-2
-MIN_COSINE = 0.77
-NORM_RTOL = 0.42
+MIN_COSINE = 0.82
+NORM_RTOL = 0.30
 MIN_GLOBAL_COSINE = 0.9
 WIDTH = 16   # The tiny variants' width 4 leaves single channels to BN over 8 examples.
 
