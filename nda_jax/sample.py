@@ -22,19 +22,6 @@ from nda_jax.trainers import gan
 
 _PROG = "nda_jax.sample"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run (holds config.json).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.")
-_NUM = flags.DEFINE_integer("num", 64, "Number of samples (ignored with --latents).")
-_LATENTS = flags.DEFINE_string("latents", None, ".npy of latents [N, dim_z].")
-_LABELS = flags.DEFINE_string("labels", None, ".npy of int labels [N] (conditional models).")
-_TRUNCATION = flags.DEFINE_float(
-    "truncation", 0.0, "BigGAN truncation threshold t: latents from N(0, 1) truncated to "
-    "[-t, t] (redrawn beyond, not clipped); 0: none. Ignored with --latents.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of latents and labels when not given.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Samples per G call (BN batch statistics).")
-_EMA = flags.DEFINE_boolean("ema", True, "Sample from the EMA generator.")
-_OUT = flags.DEFINE_string("out", None, "Output .npz or .png.")
-
 
 def _load_npy(path: str, what: str) -> np.ndarray:
   """A .npy file (local or gs://) as an array; ValueError naming the file if unreadable."""
@@ -68,24 +55,40 @@ def latents_and_labels(config, num: int, seed: int, latents_path=None, labels_pa
   return z, y.astype(np.int32)
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as a script (see nda_jax.eval.define_flags)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a run (holds config.json).")
+  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.")
+  flags.DEFINE_integer("num", 64, "Number of samples (ignored with --latents).")
+  flags.DEFINE_string("latents", None, ".npy of latents [N, dim_z].")
+  flags.DEFINE_string("labels", None, ".npy of int labels [N] (conditional models).")
+  flags.DEFINE_float(
+      "truncation", 0.0, "BigGAN truncation threshold t: latents from N(0, 1) truncated to "
+      "[-t, t] (redrawn beyond, not clipped); 0: none. Ignored with --latents.")
+  flags.DEFINE_integer("seed", 0, "Seed of latents and labels when not given.")
+  flags.DEFINE_integer("batch_size", 64, "Samples per G call (BN batch statistics).")
+  flags.DEFINE_boolean("ema", True, "Sample from the EMA generator.")
+  flags.DEFINE_string("out", None, "Output .npz or .png.")
+
+
 def main(argv):
   del argv   # cli.run rejects stray arguments.
-  out = epath.Path(_OUT.value)
+  f = flags.FLAGS
+  out = epath.Path(f.out)
   try:
     if out.suffix not in (".npz", ".png"):
-      raise ValueError(f"--out={_OUT.value}: use a .npz or .png file name")
-    for flag in (_NUM, _BATCH):
-      if flag.value <= 0:
-        raise ValueError(f"--{flag.name}={flag.value}: must be a positive number")
-    config, method, state = trainers.load_run(_WORKDIR.value, _CHECKPOINT.value)
+      raise ValueError(f"--out={f.out}: use a .npz or .png file name")
+    for name in ("num", "batch_size"):
+      if f[name].value <= 0:
+        raise ValueError(f"--{name}={f[name].value}: must be a positive number")
+    config, method, state = trainers.load_run(f.workdir, f.checkpoint)
     if not isinstance(method, gan.GAN):
-      raise ValueError(f"{_WORKDIR.value} is a {config.trainer!r} run; sampling needs a GAN")
-    z, y = latents_and_labels(config, _NUM.value, _SEED.value, _LATENTS.value, _LABELS.value,
-                              _TRUNCATION.value)
+      raise ValueError(f"{f.workdir} is a {config.trainer!r} run; sampling needs a GAN")
+    z, y = latents_and_labels(config, f.num, f.seed, f.latents, f.labels, f.truncation)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(_PROG, str(e))
-  images = gan.sample_in_batches(gan.make_sampler(config, ema=_EMA.value), state, z, y,
-                                 _BATCH.value)
+  images = gan.sample_in_batches(gan.make_sampler(config, ema=f.ema), state, z, y,
+                                 f.batch_size)
   if out.suffix == ".npz":
     buffer = io.BytesIO()
     np.savez(buffer, images=visualize.to_uint8(images), latents=z, labels=y)
@@ -97,5 +100,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   cli.run(main, _PROG)

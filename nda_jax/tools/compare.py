@@ -42,13 +42,6 @@ from nda_jax.tools import figures
 from nda_jax.trainers import common
 
 _PROG = "nda_jax.tools.compare"
-_OUT = flags.DEFINE_string("out", "compare", "Output folder of compare.md, compare.csv and "
-                           "the PNGs.")
-_BASELINE = flags.DEFINE_list("baseline", None, "KEY=VALUE pairs that pick the baseline group "
-                              "(default: the group with NDA off).")
-_METRICS = flags.DEFINE_list("metrics", None, "Metrics to compare, fnmatch patterns (default: "
-                             "every evaluation metric, those with a known direction, not losses).")
-_IGNORE = flags.DEFINE_list("ignore", [], "Config keys that do not make groups (beside seed).")
 
 SEED_KEYS = ("seed", "pretrained.seed")
 PRETRAINED_KEY = "pretrained_workdir"
@@ -437,14 +430,27 @@ def _parse(argv: list[str]) -> list[str]:
     cli.fail(_PROG, str(e))
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as a script (see nda_jax.eval.define_flags)."""
+  flags.DEFINE_string("out", "compare", "Output folder of compare.md, compare.csv and "
+                      "the PNGs.")
+  flags.DEFINE_list("baseline", None, "KEY=VALUE pairs that pick the baseline group "
+                    "(default: the group with NDA off).")
+  flags.DEFINE_list("metrics", None, "Metrics to compare, fnmatch patterns (default: "
+                    "every evaluation metric, those with a known direction, not losses).")
+  flags.DEFINE_list("ignore", [], "Config keys that do not make groups (beside seed).")
+
+
 def main(argv):
+  f = flags.FLAGS
   try:
-    text, _ = compare(argv[1:], _OUT.value, _BASELINE.value, _METRICS.value, _IGNORE.value)
+    text, _ = compare(argv[1:], f.out, f.baseline, f.metrics, f.ignore)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(_PROG, str(e))
   print(text)
-  print(f"wrote {_OUT.value}/compare.md, compare.csv and a PNG per metric")
+  print(f"wrote {f.out}/compare.md, compare.csv and a PNG per metric")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(cli.guard(main, _PROG), flags_parser=_parse)

@@ -16,8 +16,6 @@ from nda_jax.tools import figures
 from nda_jax.trainers import common
 
 _PROG = "nda_jax.tools.plot"
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a run.")
-_OUT = flags.DEFINE_string("out", None, "Output PNG (default WORKDIR/plots.png).")
 
 # Panels: title -> metric keys drawn in it (keys a run lacks are skipped).
 PANELS = {
@@ -55,16 +53,24 @@ def plot(records: list[dict], out: str | epath.Path) -> list[str]:
   return list(panels)
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as a script (see nda_jax.eval.define_flags)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a run.")
+  flags.DEFINE_string("out", None, "Output PNG (default WORKDIR/plots.png).")
+
+
 def main(argv):
   del argv   # cli.run rejects stray arguments.
-  out = _OUT.value or workdir_lib.path(_WORKDIR.value) / "plots.png"
+  f = flags.FLAGS
+  out = f.out or workdir_lib.path(f.workdir) / "plots.png"
   try:
-    titles = plot(common.read_metrics(_WORKDIR.value), out)
+    titles = plot(common.read_metrics(f.workdir), out)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(_PROG, str(e))
   print(f"wrote {out} ({', '.join(titles)})")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   cli.run(main, _PROG)
