@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 import ml_collections
-import nbclient
-import nbformat
 import numpy as np
 import pytest
 
+import notebooks
 from nda_jax import eval as eval_lib
 from nda_jax import sample as sample_lib
 from nda_jax import trainers
@@ -123,11 +122,7 @@ def test_notebook_loads_the_best_step(best_run, monkeypatch):
   workdir, best, _ = best_run
   monkeypatch.setenv("NDA_WORKDIR", workdir)
   monkeypatch.setenv("NDA_CHECKPOINT", "best")
-  path = os.path.join(REPO, "notebooks", "explore_checkpoint.ipynb")
-  nb = nbformat.read(path, as_version=4)
-  nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                          resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  outputs = notebooks.run("explore_checkpoint.ipynb")
   assert not [o for o in outputs if o.output_type == "error"]
   text = "".join(o.get("text", "") for o in outputs)
   assert f"step {best}:" in text, text

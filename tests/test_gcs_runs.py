@@ -14,6 +14,7 @@ from etils import epath
 import jax
 import pytest
 
+import notebooks
 import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import eval as eval_lib
@@ -284,15 +285,9 @@ def test_sample_best_from_bucket_to_bucket(gan_run, gcs_bucket):
 def test_notebook_on_a_bucket_workdir(gan_run, monkeypatch):
   """notebooks/explore_checkpoint.ipynb with NDA_WORKDIR=gs://... and NDA_CHECKPOINT=best:
   no error, the best step loaded, its three figures, plots.png written into the bucket."""
-  import nbclient  # pylint: disable=g-import-not-at-top
-  import nbformat  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("NDA_WORKDIR", gan_run)
   monkeypatch.setenv("NDA_CHECKPOINT", "best")
-  path = os.path.join(REPO, "notebooks", "explore_checkpoint.ipynb")
-  nb = nbformat.read(path, as_version=4)
-  nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                          resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  outputs = notebooks.run("explore_checkpoint.ipynb")
   assert not [o for o in outputs if o.output_type == "error"], outputs
   assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3
   text = "".join(o.get("text", "") for o in outputs)

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import notebooks
 from configs import demo_moco
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import images as images_lib
@@ -563,17 +564,11 @@ def test_notebook_shows_nearest_neighbours_of_a_run(tmp_path, monkeypatch):
   """notebooks/explore_moco.ipynb on a 2-step run: no error, the neighbour grid drawn,
   and the label agreement it prints equals one computed here from the digits loaded
   directly (not through the pipeline) and the run's embedder."""
-  import nbclient
-  import nbformat
   from nda_jax.data import digits
   run = tmp_path / "run"
   loop.train_and_evaluate(tiny_config(**{"train.total_steps": 2}), str(run))
   monkeypatch.setenv("NDA_WORKDIR", str(run))
-  path = os.path.join(REPO, "notebooks", "explore_moco.ipynb")
-  nb = nbformat.read(path, as_version=4)
-  nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                          resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  outputs = notebooks.run("explore_moco.ipynb")
   assert not [o for o in outputs if o.output_type == "error"]
   assert [o for o in outputs if "image/png" in o.get("data", {})]
   text = "".join(o.get("text", "") for o in outputs)
