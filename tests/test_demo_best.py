@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import notebooks
+import notebook_runs
 from nda_jax import eval as eval_lib
 from nda_jax import sample as sample_lib
 from nda_jax import trainers
@@ -122,7 +122,7 @@ def test_notebook_loads_the_best_step(best_run, monkeypatch):
   workdir, best, _ = best_run
   monkeypatch.setenv("NDA_WORKDIR", workdir)
   monkeypatch.setenv("NDA_CHECKPOINT", "best")
-  outputs = notebooks.run("explore_checkpoint.ipynb")
+  outputs = notebook_runs.run("explore_checkpoint.ipynb")
   assert not [o for o in outputs if o.output_type == "error"]
   text = "".join(o.get("text", "") for o in outputs)
   assert f"step {best}:" in text, text

@@ -14,7 +14,7 @@ from etils import epath
 import jax
 import pytest
 
-import notebooks
+import notebook_runs
 import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import eval as eval_lib
@@ -287,7 +287,7 @@ def test_notebook_on_a_bucket_workdir(gan_run, monkeypatch):
   no error, the best step loaded, its three figures, plots.png written into the bucket."""
   monkeypatch.setenv("NDA_WORKDIR", gan_run)
   monkeypatch.setenv("NDA_CHECKPOINT", "best")
-  outputs = notebooks.run("explore_checkpoint.ipynb")
+  outputs = notebook_runs.run("explore_checkpoint.ipynb")
   assert not [o for o in outputs if o.output_type == "error"], outputs
   assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3
   text = "".join(o.get("text", "") for o in outputs)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import notebooks
+import notebook_runs
 from configs import demo_moco
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import images as images_lib
@@ -568,7 +568,7 @@ def test_notebook_shows_nearest_neighbours_of_a_run(tmp_path, monkeypatch):
   run = tmp_path / "run"
   loop.train_and_evaluate(tiny_config(**{"train.total_steps": 2}), str(run))
   monkeypatch.setenv("NDA_WORKDIR", str(run))
-  outputs = notebooks.run("explore_moco.ipynb")
+  outputs = notebook_runs.run("explore_moco.ipynb")
   assert not [o for o in outputs if o.output_type == "error"]
   assert [o for o in outputs if "image/png" in o.get("data", {})]
   text = "".join(o.get("text", "") for o in outputs)
