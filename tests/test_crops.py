@@ -16,6 +16,8 @@ import pytest
 from scipy import stats
 from sklearn.datasets import load_sample_image
 
+import step_spy
+
 from configs import demo_linear
 from configs import demo_moco
 from nda_jax.augment import positive
@@ -325,17 +327,7 @@ def test_linear_probe_trains_on_host_views(tmp_path, monkeypatch):
   c.train.total_steps = 1
   c.train.batch_size = 16
   c.checkpoint.async_save = False
-  seen = []
-  make_step = linear_probe.LinearProbe.make_step
-
-  def recording_make_step(self):
-    step = make_step(self)
-
-    def wrapped(state, batch):
-      seen.append((batch["image"].dtype, batch["image"].shape))
-      return step(state, batch)
-    return wrapped
-  monkeypatch.setattr(linear_probe.LinearProbe, "make_step", recording_make_step)
+  seen = step_spy.record_batches(monkeypatch, linear_probe.LinearProbe)
   loop.train_and_evaluate(c, str(tmp_path / "probe"))
   assert seen and all(s == (np.uint8, (16 // 8, 1, 16, 16, 3)) for s in seen), seen
   records = common.read_metrics(str(tmp_path / "probe"))

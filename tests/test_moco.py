@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import notebook_runs
+import step_spy
 from configs import demo_moco
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import images as images_lib
@@ -499,17 +500,7 @@ def test_main_trains_checkpoints_resumes_exactly_and_reports_knn(tmp_path, monke
     c.train.total_steps = steps
     return c
   # Record what the loop hands the step (while it is traced): uint8 host images.
-  seen = []
-  make_step = moco.MoCo.make_step
-
-  def recording_make_step(self):
-    step = make_step(self)
-
-    def wrapped(state, batch):
-      seen.append((batch["image"].dtype, batch["image"].shape))
-      return step(state, batch)
-    return wrapped
-  monkeypatch.setattr(moco.MoCo, "make_step", recording_make_step)
+  seen = step_spy.record_batches(monkeypatch, moco.MoCo)
   straight, split = tmp_path / "straight", tmp_path / "split"
   loop.train_and_evaluate(config(4), str(straight))
   assert seen and all(s == (np.uint8, (B // 8, S, S, 3)) for s in seen), seen
