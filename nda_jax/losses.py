@@ -184,37 +184,19 @@ def dpc_dense_loss(pred: jax.Array, target: jax.Array, *, nda: jax.Array | None 
     raise ValueError(f"nda_scope={nda_scope!r}; valid choices: {NDA_SCOPES_DPC}")
   _check_nda_weight(nda_weight)
   b, steps, positions, dim = pred.shape
-  num_candidates = target.shape[0]
   blocks = steps * positions
-  if query_index is None:
-    if num_candidates != b:
-      raise ValueError(f"target has {num_candidates} clips, pred {b}: pass query_index, "
-                       "the row of target of each pred clip")
-    query_index = jnp.arange(b)
-  chex.assert_shape(query_index, (b,))
-  chex.assert_type(query_index, int)
+  query_index = _query_index(query_index, b, target.shape[0])
   pred = pred.astype(jnp.float32).reshape(b, blocks, dim)
   scores = jnp.einsum("ikd,cjd->ikcj", pred, target.astype(jnp.float32).reshape(
-      num_candidates, blocks, dim), precision=_HIGHEST)     # [b, PN, C, PN]
-  own_block = jnp.arange(blocks)
-  positive = query_index[:, None] * blocks + own_block       # flat index into C*PN
-  logits = [scores.reshape(b, blocks, num_candidates * blocks)]
+      target.shape[0], blocks, dim), precision=_HIGHEST)     # [b, PN, C, PN]
+  positive = query_index[:, None] * blocks + jnp.arange(blocks)       # flat index into C*PN
+  logits = [scores.reshape(b, blocks, -1)]
   pos_score = jnp.take_along_axis(logits[0], positive[..., None], axis=-1)[..., 0]   # [b, PN]
-  same_clip = jnp.take_along_axis(scores, query_index[:, None, None, None], axis=2)[:, :, 0]
-  same_clip = jnp.where(own_block[:, None] == own_block[None, :], -jnp.inf, same_clip)
-  other_clips = jnp.where((jnp.arange(num_candidates) == query_index[:, None])[:, None, :, None],
-                          -jnp.inf, scores)
-  beats = lambda negatives, axes: jnp.mean(
-      (pos_score > jnp.max(negatives, axis=axes)).astype(jnp.float32))
-  metrics = {"acc_same_clip": beats(same_clip, -1), "acc_other_clips": beats(other_clips, (2, 3))}
+  metrics = _dpc_block_accuracies(scores, pos_score, query_index)
   if nda is not None:
     chex.assert_shape(nda, (b, steps, positions, dim))
-    nda = nda.astype(jnp.float32).reshape(b, blocks, dim)
-    if nda_scope == "same_position":
-      nda_scores = jnp.sum(pred * nda, axis=-1, keepdims=True)        # [b, PN, 1]
-    else:
-      nda_scores = jnp.einsum("ikd,ijd->ikj", pred, nda, precision=_HIGHEST)   # [b, PN, PN]
-    metrics["acc_nda"] = beats(nda_scores, -1)
+    nda_scores = _dpc_nda_scores(pred, nda.astype(jnp.float32).reshape(b, blocks, dim), nda_scope)
+    metrics["acc_nda"] = _beats(pos_score, nda_scores, -1)
     if nda_weight != 0:
       logits.append(_weighted(nda_scores, nda_weight))
   logits = jnp.concatenate(logits, axis=-1).reshape(b * blocks, -1)
@@ -222,3 +204,41 @@ def dpc_dense_loss(pred: jax.Array, target: jax.Array, *, nda: jax.Array | None 
   loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive))
   top1 = jnp.mean((jnp.argmax(logits, axis=-1) == positive).astype(jnp.float32))
   return loss, {"loss": loss, "top1": top1, **metrics}
+
+
+def _query_index(query_index: jax.Array | None, b: int, num_candidates: int) -> jax.Array:
+  """The row of the candidates that is each predicted clip (arange(b) when they are the clips)."""
+  if query_index is None:
+    if num_candidates != b:
+      raise ValueError(f"target has {num_candidates} clips, pred {b}: pass query_index, "
+                       "the row of target of each pred clip")
+    query_index = jnp.arange(b)
+  chex.assert_shape(query_index, (b,))
+  chex.assert_type(query_index, int)
+  return query_index
+
+
+def _beats(pos_score: jax.Array, negatives: jax.Array, axes) -> jax.Array:
+  """Fraction of predictions whose positive scores above all of their `negatives`."""
+  return jnp.mean((pos_score > jnp.max(negatives, axis=axes)).astype(jnp.float32))
+
+
+def _dpc_block_accuracies(scores: jax.Array, pos_score: jax.Array,
+                          query_index: jax.Array) -> dict[str, jax.Array]:
+  """acc_same_clip / acc_other_clips of scores [b, PN, C, PN] and positives [b, PN]."""
+  blocks, num_candidates = scores.shape[1], scores.shape[2]
+  own_block = jnp.arange(blocks)
+  same_clip = jnp.take_along_axis(scores, query_index[:, None, None, None], axis=2)[:, :, 0]
+  same_clip = jnp.where(own_block[:, None] == own_block[None, :], -jnp.inf, same_clip)
+  other_clips = jnp.where((jnp.arange(num_candidates) == query_index[:, None])[:, None, :, None],
+                          -jnp.inf, scores)
+  return {"acc_same_clip": _beats(pos_score, same_clip, -1),
+          "acc_other_clips": _beats(pos_score, other_clips, (2, 3))}
+
+
+def _dpc_nda_scores(pred: jax.Array, nda: jax.Array, nda_scope: str) -> jax.Array:
+  """Scores of predictions [b, PN, D] against NDA blocks [b, PN, D]: [b, PN, 1] at the
+  same position ('same_position') or [b, PN, PN] against all of the clip's ('all')."""
+  if nda_scope == "same_position":
+    return jnp.sum(pred * nda, axis=-1, keepdims=True)
+  return jnp.einsum("ikd,ijd->ikj", pred, nda, precision=_HIGHEST)

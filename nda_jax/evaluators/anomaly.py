@@ -37,6 +37,7 @@ The set lists are empty by default; `with_default_sets` fills in the run's
 own NDA and the synthetic sets (what `nda_jax.eval` does when none is set).
 """
 from collections.abc import Callable, Iterable, Iterator, Mapping
+import itertools
 import json
 import os
 import time
@@ -307,46 +308,12 @@ class AnomalyEvaluator:
     scorer = Scorer(score_fn, in_data.batch_size * jax.process_count(), self.mesh, cfg.labels,
                     channels=shape[-1])
     in_scores = scorer.score_batches(self._limited(in_data))
-    rows = []
-
-    def add(name: str, scores: np.ndarray, severity: str = "all") -> None:
-      rows.append({"set": name, "severity": severity, "n_ood": int(len(scores)),
-                   "auroc": auroc(in_scores, scores), "mean_score": float(np.mean(scores))})
-
-    for index, (name, nda_fn) in enumerate(self._ndas):
-      nda = jax.jit(nda_fn)
-      key = jax.random.fold_in(jax.random.key(cfg.seed), index)
-      transform = lambda i, x, nda=nda, key=key: np.asarray(nda(jax.random.fold_in(key, i), x))
-      add(f"nda/{name}", scorer.score_batches(self._limited(in_data), transform))
-
-    for label, ood_split, ood in self._ood:
-      data = self._eval_data(ood, ood_split, scorer.batch_size)
-      if tuple(data.element_shape)[:2] != shape[:2]:
-        raise ValueError(f"OOD set {label!r} has images {data.element_shape}, the "
-                         f"in-distribution ones {shape}; set its image_size.")
-      add(label, scorer.score_batches(self._limited(data)))
-
-    for name in cfg.synthetic:
-      num = cfg.max_examples or len(in_scores)
-      images = SYNTHETIC[name](num, shape, cfg.seed)
-      add(f"synthetic/{name}", scorer.score_array(images, np.zeros(num, np.int32)))
-
-    if cfg.cifar10c_dir:
-      labels = np.load(os.path.join(cfg.cifar10c_dir, "labels.npy"))
-      for corruption in cfg.corruptions:
-        images = np.load(os.path.join(cfg.cifar10c_dir, f"{corruption}.npy"), mmap_mode="r")
-        if images.shape[1:] != shape:
-          raise ValueError(f"{corruption}.npy holds {images.shape[1:]} images, the in-"
-                           f"distribution data {shape}.")
-        per = len(images) // CIFAR10C_SEVERITIES
-        take = min(per, cfg.max_examples or per)
-        by_severity = [scorer.score_array(images[s * per:s * per + take],
-                                          labels[s * per:s * per + take])
-                       for s in range(CIFAR10C_SEVERITIES)]
-        add(f"cifar10c/{corruption}", np.concatenate(by_severity))
-        for s, scores in enumerate(by_severity, 1):
-          add(f"cifar10c/{corruption}", scores, str(s))
-
+    ood_sets = itertools.chain(self._nda_sets(scorer, in_data), self._ood_sets(scorer, shape),
+                               self._synthetic_sets(scorer, shape, len(in_scores)),
+                               self._cifar10c_sets(scorer, shape))
+    rows = [{"set": name, "severity": severity, "n_ood": int(len(scores)),
+             "auroc": auroc(in_scores, scores), "mean_score": float(np.mean(scores))}
+            for name, scores, severity in ood_sets]
     result = {"in_distribution": {"split": split, "n": int(len(in_scores)),
                                   "mean_score": float(np.mean(in_scores))},
               "normalisation": "[-1, 1] (the official leftover code used [0, 1])",
@@ -354,12 +321,65 @@ class AnomalyEvaluator:
     if self.out_dir and jax.process_index() == 0:
       write_tables(result, self.out_dir)
     logging.info("anomaly AUROC of %d sets in %.1f s", len(rows), time.time() - start)
-    for row in rows:
-      suffix = "" if row["severity"] == "all" else f"/s{row['severity']}"
-      yield f"anomaly/{row['set']}{suffix}", row["auroc"]
-    c10c = [r["auroc"] for r in rows if r["set"].startswith("cifar10c/") and r["severity"] == "all"]
-    if c10c:
-      yield "anomaly/cifar10c_mean", float(np.mean(c10c))
+    yield from auroc_metrics(rows)
+
+  # Each `_*_sets` yields (set name, scores, severity) of its OOD sets, one at a time.
+  def _nda_sets(self, scorer: Scorer, in_data) -> Iterator[tuple[str, np.ndarray, str]]:
+    """NDA(in-distribution test images), one set per configured NDA."""
+    for index, (name, nda_fn) in enumerate(self._ndas):
+      nda = jax.jit(nda_fn)
+      key = jax.random.fold_in(jax.random.key(self.cfg.seed), index)
+      transform = lambda i, x, nda=nda, key=key: np.asarray(nda(jax.random.fold_in(key, i), x))
+      yield f"nda/{name}", scorer.score_batches(self._limited(in_data), transform), "all"
+
+  def _ood_sets(self, scorer: Scorer, shape: tuple[int, ...]
+                ) -> Iterator[tuple[str, np.ndarray, str]]:
+    """The configured `ood_data` datasets (images of the in-distribution size)."""
+    for label, ood_split, ood in self._ood:
+      data = self._eval_data(ood, ood_split, scorer.batch_size)
+      if tuple(data.element_shape)[:2] != shape[:2]:
+        raise ValueError(f"OOD set {label!r} has images {data.element_shape}, the "
+                         f"in-distribution ones {shape}; set its image_size.")
+      yield label, scorer.score_batches(self._limited(data)), "all"
+
+  def _synthetic_sets(self, scorer: Scorer, shape: tuple[int, ...], num_in: int
+                      ) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Synthetic images (SYNTHETIC), as many as the in-distribution set (or max_examples)."""
+    for name in self.cfg.synthetic:
+      num = self.cfg.max_examples or num_in
+      images = SYNTHETIC[name](num, shape, self.cfg.seed)
+      yield f"synthetic/{name}", scorer.score_array(images, np.zeros(num, np.int32)), "all"
+
+  def _cifar10c_sets(self, scorer: Scorer, shape: tuple[int, ...]
+                     ) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Each CIFAR-10-C corruption: all severities together, then each severity."""
+    cfg = self.cfg
+    if not cfg.cifar10c_dir:
+      return
+    labels = np.load(os.path.join(cfg.cifar10c_dir, "labels.npy"))
+    for corruption in cfg.corruptions:
+      images = np.load(os.path.join(cfg.cifar10c_dir, f"{corruption}.npy"), mmap_mode="r")
+      if images.shape[1:] != shape:
+        raise ValueError(f"{corruption}.npy holds {images.shape[1:]} images, the in-"
+                         f"distribution data {shape}.")
+      per = len(images) // CIFAR10C_SEVERITIES
+      take = min(per, cfg.max_examples or per)
+      by_severity = [scorer.score_array(images[s * per:s * per + take],
+                                        labels[s * per:s * per + take])
+                     for s in range(CIFAR10C_SEVERITIES)]
+      yield f"cifar10c/{corruption}", np.concatenate(by_severity), "all"
+      for s, scores in enumerate(by_severity, 1):
+        yield f"cifar10c/{corruption}", scores, str(s)
+
+
+def auroc_metrics(rows: list[dict[str, Any]]) -> Iterator[tuple[str, float]]:
+  """('anomaly/<set>[/s<k>]', AUROC) of each row, then the mean over CIFAR-10-C corruptions."""
+  for row in rows:
+    suffix = "" if row["severity"] == "all" else f"/s{row['severity']}"
+    yield f"anomaly/{row['set']}{suffix}", row["auroc"]
+  c10c = [r["auroc"] for r in rows if r["set"].startswith("cifar10c/") and r["severity"] == "all"]
+  if c10c:
+    yield "anomaly/cifar10c_mean", float(np.mean(c10c))
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:

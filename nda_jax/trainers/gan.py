@@ -8,7 +8,7 @@ mesh axis `data`, and per-sample randomness (z, fake labels, NDA draws) is folde
 from the global example index, so the numbers do not depend on the device count.
 """
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -164,86 +164,32 @@ class GAN(method_lib.Method):
     """
     config = self.config
     generator, discriminator = build_models(config)
-    nda_fn = negative.build_nda(config.nda, axis_name=parallel.AXIS)
     g_tx, d_tx = self.optimizers()
-    loss_cfg, train_cfg = config.loss, config.train
-    n_classes, dim_z = num_classes(config), config.model.dim_z
-
-    def sample_latents(key, b):
-      z = _normal(parallel.per_example_keys(jax.random.fold_in(key, 0), b), dim_z)
-      y = _labels(parallel.per_example_keys(jax.random.fold_in(key, 1), b), n_classes)
-      return z, y
-
-    def d_step(carry, xs):
-      g_params, g_stats, d_params, d_stats, d_opt, key = carry
-      j, images_u8, y_real = xs
-      b = images_u8.shape[0]
-      step_key = jax.random.fold_in(key, j)
-      real = images_lib.to_float(images_u8)
-      z, y_fake = sample_latents(jax.random.fold_in(step_key, 0), b)
-      nda = nda_fn(parallel.per_example_keys(jax.random.fold_in(step_key, 1), b), real)
-      # G runs in train mode without gradients (BN batch statistics, running stats
-      # and SN vectors updated), as in the official D step.
-      fake, g_mut = generator.apply({"params": g_params, "batch_stats": g_stats}, z, y_fake,
-                                    train=True, mutable=["batch_stats"])
-      fake = jax.lax.stop_gradient(fake)
-
-      def loss_fn(params):
-        # One forward of [fake; real; NDA]: D has no BN, so this equals separate calls.
-        logits, d_mut = discriminator.apply(
-            {"params": params, "batch_stats": d_stats},
-            jnp.concatenate([fake, real, nda.astype(real.dtype)]),
-            jnp.concatenate([y_fake, y_real, y_real]), train=True, mutable=["batch_stats"])
-        d_fake, d_real, d_nda = jnp.split(logits, 3)
-        loss, terms = losses.discriminator_loss(d_real, d_fake, d_nda, alpha=loss_cfg.alpha,
-                                                beta=loss_cfg.beta, kind=loss_cfg.kind)
-        aux = dict(terms, d_real=d_real.mean(), d_fake=d_fake.mean(), d_nda=d_nda.mean())
-        return loss, (aux, d_mut["batch_stats"])
-
-      (loss, (aux, d_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
-      grads = _pmean(grads)
-      updates, d_opt = d_tx.update(grads, d_opt, d_params)
-      d_params = optax.apply_updates(d_params, updates)
-      aux = dict(aux, d_loss=loss, d_grad_norm=optax.tree.norm(grads))
-      carry = (g_params, g_mut["batch_stats"], d_params, d_stats, d_opt, key)
-      return carry, _pmean(aux)
+    parts = StepParts(generator=generator, discriminator=discriminator,
+                      nda_fn=negative.build_nda(config.nda, axis_name=parallel.AXIS),
+                      g_tx=g_tx, d_tx=d_tx, loss=config.loss, dim_z=config.model.dim_z,
+                      n_classes=num_classes(config))
+    d_step = functools.partial(discriminator_step, parts)
+    unroll = unroll_d_steps(config)
 
     def iteration(state: GANState, batch: dict) -> tuple[GANState, dict]:
       images, labels = batch["image"], batch["label"]
       num_d, b = images.shape[:2]
-      labels = labels if n_classes > 1 else jnp.zeros_like(labels)
+      labels = labels if parts.n_classes > 1 else jnp.zeros_like(labels)
       it_key = jax.random.fold_in(state.rng, state.step)
       carry = (state.g_params, state.g_stats, state.d_params, state.d_stats, state.d_opt, it_key)
       carry, d_metrics = jax.lax.scan(d_step, carry, (jnp.arange(num_d), images, labels),
-                                      unroll=num_d if unroll_d_steps(config) else 1)
+                                      unroll=num_d if unroll else 1)
       g_params, g_stats, d_params, d_stats, d_opt, _ = carry
-
-      z, y = sample_latents(jax.random.fold_in(it_key, num_d), b)
-
-      def g_loss_fn(params):
-        fake, g_mut = generator.apply({"params": params, "batch_stats": g_stats}, z, y,
-                                      train=True, mutable=["batch_stats"])
-        logits, d_mut = discriminator.apply({"params": d_params, "batch_stats": d_stats}, fake, y,
-                                            train=True, mutable=["batch_stats"])
-        return losses.generator_loss(logits, kind=loss_cfg.kind), (g_mut["batch_stats"],
-                                                                   d_mut["batch_stats"])
-
-      (g_loss, (g_stats, d_stats)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
-      g_grads = _pmean(g_grads)
-      updates, g_opt = g_tx.update(g_grads, state.g_opt, g_params)
-      g_params = optax.apply_updates(g_params, updates)
-
-      # EMA of G (params and statistics); an exact copy before ema_start.
-      decay = jnp.where(state.step < train_cfg.ema_start, 0.0, train_cfg.ema_decay)
-      ema = lambda e, p: decay * e + (1.0 - decay) * p
+      z, y = sample_latents(parts, jax.random.fold_in(it_key, num_d), b)
+      g_params, g_stats, d_stats, g_opt, g_metrics = generator_step(
+          parts, g_params, g_stats, state.g_opt, d_params, d_stats, z, y)
+      ema_params, ema_stats = ema_update(state, g_params, g_stats, ema_start=config.train.ema_start,
+                                         decay=config.train.ema_decay)
       new_state = state.replace(
           step=state.step + 1, g_params=g_params, g_stats=g_stats, d_params=d_params,
-          d_stats=d_stats, g_opt=g_opt, d_opt=d_opt,
-          ema_params=jax.tree.map(ema, state.ema_params, g_params),
-          ema_stats=jax.tree.map(ema, state.ema_stats, g_stats))
-      metrics = {k: v.mean() for k, v in d_metrics.items()}
-      metrics.update(g_loss=_pmean(g_loss), g_grad_norm=optax.tree.norm(g_grads))
-      return new_state, metrics
+          d_stats=d_stats, g_opt=g_opt, d_opt=d_opt, ema_params=ema_params, ema_stats=ema_stats)
+      return new_state, {**{k: v.mean() for k, v in d_metrics.items()}, **g_metrics}
 
     return iteration
 
@@ -265,6 +211,95 @@ class GAN(method_lib.Method):
   @functools.cached_property
   def _sheet_sampler(self):
     return make_sampler(self.config)
+
+
+# ------------------------------------------------------------------ one iteration's parts
+class StepParts(NamedTuple):
+  """What the D steps, the G step and the latents of an iteration are built from."""
+  generator: biggan.Generator
+  discriminator: biggan.Discriminator
+  nda_fn: Callable[[jax.Array, jax.Array], jax.Array]
+  g_tx: optax.GradientTransformation
+  d_tx: optax.GradientTransformation
+  loss: ml_collections.ConfigDict   # config.loss: kind, alpha, beta
+  dim_z: int
+  n_classes: int
+
+
+def sample_latents(parts: StepParts, key: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
+  """(z, fake labels) for this device's b examples, from per-example keys."""
+  z = _normal(parallel.per_example_keys(jax.random.fold_in(key, 0), b), parts.dim_z)
+  y = _labels(parallel.per_example_keys(jax.random.fold_in(key, 1), b), parts.n_classes)
+  return z, y
+
+
+def discriminator_step(parts: StepParts, carry: tuple, xs: tuple) -> tuple[tuple, dict]:
+  """One D update on a real batch, its NDA batch and fresh fakes (a `lax.scan` body).
+
+  carry: (g_params, g_stats, d_params, d_stats, d_opt, iteration key); xs: (D step j,
+  uint8 images [b, H, W, C], labels [b]). G runs in train mode without gradients (BN
+  batch statistics, running stats and SN vectors updated), as in the official D step.
+  """
+  g_params, g_stats, d_params, d_stats, d_opt, key = carry
+  j, images_u8, y_real = xs
+  b = images_u8.shape[0]
+  step_key = jax.random.fold_in(key, j)
+  real = images_lib.to_float(images_u8)
+  z, y_fake = sample_latents(parts, jax.random.fold_in(step_key, 0), b)
+  nda = parts.nda_fn(parallel.per_example_keys(jax.random.fold_in(step_key, 1), b), real)
+  fake, g_mut = parts.generator.apply({"params": g_params, "batch_stats": g_stats}, z, y_fake,
+                                      train=True, mutable=["batch_stats"])
+  fake = jax.lax.stop_gradient(fake)
+
+  def loss_fn(params):
+    # One forward of [fake; real; NDA]: D has no BN, so this equals separate calls.
+    logits, d_mut = parts.discriminator.apply(
+        {"params": params, "batch_stats": d_stats},
+        jnp.concatenate([fake, real, nda.astype(real.dtype)]),
+        jnp.concatenate([y_fake, y_real, y_real]), train=True, mutable=["batch_stats"])
+    d_fake, d_real, d_nda = jnp.split(logits, 3)
+    loss, terms = losses.discriminator_loss(d_real, d_fake, d_nda, alpha=parts.loss.alpha,
+                                            beta=parts.loss.beta, kind=parts.loss.kind)
+    aux = dict(terms, d_real=d_real.mean(), d_fake=d_fake.mean(), d_nda=d_nda.mean())
+    return loss, (aux, d_mut["batch_stats"])
+
+  (loss, (aux, d_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
+  grads = _pmean(grads)
+  updates, d_opt = parts.d_tx.update(grads, d_opt, d_params)
+  d_params = optax.apply_updates(d_params, updates)
+  aux = dict(aux, d_loss=loss, d_grad_norm=optax.tree.norm(grads))
+  return (g_params, g_mut["batch_stats"], d_params, d_stats, d_opt, key), _pmean(aux)
+
+
+def generator_step(parts: StepParts, g_params, g_stats, g_opt, d_params, d_stats,
+                   z: jax.Array, y: jax.Array):
+  """One G update through D on samples of (z, y).
+
+  Returns (g_params, g_stats, d_stats, g_opt, {'g_loss', 'g_grad_norm'}).
+  """
+  def loss_fn(params):
+    fake, g_mut = parts.generator.apply({"params": params, "batch_stats": g_stats}, z, y,
+                                        train=True, mutable=["batch_stats"])
+    logits, d_mut = parts.discriminator.apply({"params": d_params, "batch_stats": d_stats},
+                                              fake, y, train=True, mutable=["batch_stats"])
+    return losses.generator_loss(logits, kind=parts.loss.kind), (g_mut["batch_stats"],
+                                                                 d_mut["batch_stats"])
+
+  (loss, (g_stats, d_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(g_params)
+  grads = _pmean(grads)
+  updates, g_opt = parts.g_tx.update(grads, g_opt, g_params)
+  g_params = optax.apply_updates(g_params, updates)
+  return g_params, g_stats, d_stats, g_opt, {"g_loss": _pmean(loss),
+                                             "g_grad_norm": optax.tree.norm(grads)}
+
+
+def ema_update(state: GANState, g_params: PyTree, g_stats: PyTree, *, ema_start: int,
+               decay: float) -> tuple[PyTree, PyTree]:
+  """The EMA of G (params and statistics); an exact copy before `ema_start`."""
+  decay = jnp.where(state.step < ema_start, 0.0, decay)
+  ema = lambda e, p: decay * e + (1.0 - decay) * p
+  return (jax.tree.map(ema, state.ema_params, g_params),
+          jax.tree.map(ema, state.ema_stats, g_stats))
 
 
 # ------------------------------------------------------------------ sampling

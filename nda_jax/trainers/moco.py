@@ -215,106 +215,45 @@ class MoCo(method_lib.Method):
 
   def make_step(self) -> method_lib.StepFn:
     c = self.config
-    encoder = build_encoder(c)
-    tx = self.optimizer()
+    encode, augment, tx = make_train_encode(c), make_augment(c), self.optimizer()
     lr_at = optim.learning_rate_schedule(c.optim.encoder, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=max(self.total_steps, 1))
-    global_batch, group_size = c.train.batch_size, c.model.bn_group_size
     probe_tx = self.probe_optimizer() if probe_enabled(c) else None
     nda_fn = (negative.build_nda(nda_spec(c.nda), axis_name=parallel.AXIS)
               if c.nda.enabled else None)
-    aug = functools.partial(positive.mocov2_aug, out_size=c.aug.crop_size,
-                            scale=tuple(c.aug.scale), jitter=tuple(c.aug.jitter),
-                            p_jitter=c.aug.p_jitter, p_gray=c.aug.p_gray,
-                            blur_sigma=tuple(c.aug.blur_sigma), p_blur=c.aug.p_blur,
-                            p_flip=c.aug.p_flip)
-    on_host = host_crops(c)
-
-    def views(key, images, b, crop=True):
-      return aug(parallel.per_example_keys(key, b), images, crop=crop)
-
-    def encode(params, stats, x, groups):
-      (features, projection), mutated = encoder.apply(
-          {"params": params, "batch_stats": stats}, images_lib.normalize_input(c, x), train=True,
-          groups=groups, mutable=["batch_stats"])
-      return _normalize(projection), mutated["batch_stats"], features
+    infonce = make_infonce(c)
+    on_host, enqueue_nda = host_crops(c), c.nda.enabled and c.nda.enqueue
+    global_batch, group_size = c.train.batch_size, c.model.bn_group_size
 
     def step(state: MoCoState, batch: dict) -> tuple[MoCoState, dict]:
       images = images_lib.to_float(batch["image"])
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
-      if on_host:   # [b, 2, S, S, C]: the two crops, made on the host
-        query_view = views(jax.random.fold_in(key, 0), images[:, 0], b, crop=False)
-        key_view = views(jax.random.fold_in(key, 1), images[:, 1], b, crop=False)
-      else:
-        query_view = views(jax.random.fold_in(key, 0), images, b)
-        key_view = views(jax.random.fold_in(key, 1), images, b)
-
+      key_groups = lambda salt: batch_norm.key_groups(jax.random.fold_in(key, salt), b,
+                                                      group_size, global_batch)
+      query_view, key_view = two_views(augment, key, images, on_host)
       # The key encoder moves first (MoCo's _momentum_update_key_encoder), then encodes.
-      m = c.moco.momentum
-      key_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.key_params,
-                                state.params)
-      k, key_stats, _ = encode(key_params, state.key_batch_stats, key_view,
-                               batch_norm.key_groups(jax.random.fold_in(key, 2), b, group_size,
-                                                     global_batch))
-      k = jax.lax.stop_gradient(k)
-
-      nda_k = None
+      key_params = momentum_update(state.key_params, state.params, c.moco.momentum)
+      k, key_stats = encode_keys(encode, key_params, state.key_batch_stats, key_view,
+                                 key_groups(2))
+      nda_k = nda_negatives = None
       if nda_fn is not None:
-        nda_keys = parallel.per_example_keys(jax.random.fold_in(key, 3), b)
-        if c.nda.source == "query_view":
-          nda_view = nda_fn(nda_keys, query_view)
-        else:   # 'image': the NDA first, then its own positive augmentation.
-          nda_view = views(jax.random.fold_in(key, 4), nda_fn(nda_keys, images), b)
+        nda_view = make_nda_view(nda_fn, augment, c.nda.source, key, images, query_view)
         # Its own BN groups; its running-average update is dropped (real images only).
-        nda_k, _, _ = encode(key_params, state.key_batch_stats, nda_view,
-                             batch_norm.key_groups(jax.random.fold_in(key, 5), b, group_size,
-                                                   global_batch))
-        nda_k = jax.lax.stop_gradient(nda_k)
-        nda_for_loss = (jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)
-                        if c.nda.scope == "batch" else nda_k)
-
-      def loss_fn(params):
-        q, stats, features = encode(params, state.batch_stats, query_view,
-                                    batch_norm.query_groups(b, group_size, global_batch))
-        if nda_k is None:
-          loss, metrics = losses.moco_infonce(q, k, state.queue, None,
-                                              temperature=c.moco.temperature)
-        else:
-          loss, metrics = losses.moco_infonce(q, k, state.queue, nda_for_loss,
-                                              temperature=c.moco.temperature,
-                                              nda_scope=c.nda.scope, nda_weight=c.nda.weight)
-        return loss, (metrics, stats, features)
-
-      (_, (metrics, batch_stats, features)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(state.params)
-      grads = jax.lax.pmean(grads, parallel.AXIS)
-      updates, opt = tx.update(grads, state.opt, state.params)
-      params = optax.apply_updates(state.params, updates)
-
+        nda_k, _ = encode_keys(encode, key_params, state.key_batch_stats, nda_view,
+                               key_groups(5))
+        nda_negatives = (jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)
+                         if c.nda.scope == "batch" else nda_k)
+      params, opt, batch_stats, features, metrics = update_encoder(
+          encode, infonce, tx, state, query_view, k, nda_negatives,
+          batch_norm.query_groups(b, group_size, global_batch))
       probe, probe_opt = state.probe, state.probe_opt
-      if probe_tx is not None:   # On the features only: no gradient reaches the encoder.
-        features = jax.lax.stop_gradient(features)
-
-        def probe_loss(p):
-          logits = probe_logits(p, features)
-          loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-          return loss.mean(), logits
-
-        (metrics["probe_loss"], logits), probe_grads = jax.value_and_grad(
-            probe_loss, has_aux=True)(probe)
-        metrics["probe_top1"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        probe_updates, probe_opt = probe_tx.update(jax.lax.pmean(probe_grads, parallel.AXIS),
-                                                   probe_opt, probe)
-        probe = optax.apply_updates(probe, probe_updates)
-
-      # Enqueue the whole global batch's keys (in global order), oldest out.
-      new_keys = jax.lax.all_gather(k, parallel.AXIS, tiled=True)
-      if nda_k is not None and c.nda.enqueue:
-        new_keys = jnp.concatenate(
-            [new_keys, jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)])
-      queue, queue_ptr = enqueue(state.queue, state.queue_ptr, new_keys)
-
+      if probe_tx is not None:
+        probe, probe_opt, probe_metrics = update_probe(probe_tx, probe, probe_opt, features,
+                                                       batch["label"])
+        metrics.update(probe_metrics)
+      queue, queue_ptr = enqueue_global(state.queue, state.queue_ptr, k,
+                                        nda_k if enqueue_nda else None)
       metrics = jax.lax.pmean(metrics, parallel.AXIS)
       metrics["lr"] = lr_at(state.step)
       new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -357,3 +296,113 @@ def make_embedder(config: ml_collections.ConfigDict,
     return features
 
   return jax.jit(embed) if dp is None else dp.map_over_batch(embed)
+
+
+# ------------------------------------------------------------------ the step's parts
+def make_augment(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+  """`augment(key, images, crop=True)`: an aug+ view of each image, one key per example."""
+  a = config.aug
+  aug = functools.partial(positive.mocov2_aug, out_size=a.crop_size, scale=tuple(a.scale),
+                          jitter=tuple(a.jitter), p_jitter=a.p_jitter, p_gray=a.p_gray,
+                          blur_sigma=tuple(a.blur_sigma), p_blur=a.p_blur, p_flip=a.p_flip)
+
+  def augment(key: jax.Array, images: jax.Array, crop: bool = True) -> jax.Array:
+    return aug(parallel.per_example_keys(key, images.shape[0]), images, crop=crop)
+  return augment
+
+
+def make_train_encode(config: ml_collections.ConfigDict) -> Callable[..., tuple]:
+  """`encode(params, batch_stats, views, groups) -> (L2-normalised projection, new
+  batch_stats, pooled features)`: the encoder in training mode, BN over `groups`."""
+  encoder = build_encoder(config)
+
+  def encode(params, stats, x, groups):
+    (features, projection), mutated = encoder.apply(
+        {"params": params, "batch_stats": stats}, images_lib.normalize_input(config, x),
+        train=True, groups=groups, mutable=["batch_stats"])
+    return _normalize(projection), mutated["batch_stats"], features
+  return encode
+
+
+def make_infonce(config: ml_collections.ConfigDict) -> Callable[..., tuple]:
+  """`infonce(q, k, queue, nda negatives or None)`: losses.moco_infonce as configured."""
+  kwargs = {"temperature": config.moco.temperature}
+  if config.nda.enabled:
+    kwargs.update(nda_scope=config.nda.scope, nda_weight=config.nda.weight)
+  return lambda q, k, queue, nda_k: losses.moco_infonce(q, k, queue, nda_k, **kwargs)
+
+
+def two_views(augment: Callable, key: jax.Array, images: jax.Array,
+              on_host: bool) -> tuple[jax.Array, jax.Array]:
+  """(query view, key view) of each image; host crops [b, 2, S, S, C] get the rest of aug+."""
+  if on_host:
+    return (augment(jax.random.fold_in(key, 0), images[:, 0], crop=False),
+            augment(jax.random.fold_in(key, 1), images[:, 1], crop=False))
+  return augment(jax.random.fold_in(key, 0), images), augment(jax.random.fold_in(key, 1), images)
+
+
+def make_nda_view(nda_fn: Callable, augment: Callable, source: str, key: jax.Array,
+                  images: jax.Array, query_view: jax.Array) -> jax.Array:
+  """The NDA of each query view, or ('image') of each image, then its own aug+ view."""
+  nda_keys = parallel.per_example_keys(jax.random.fold_in(key, 3), images.shape[0])
+  if source == "query_view":
+    return nda_fn(nda_keys, query_view)
+  return augment(jax.random.fold_in(key, 4), nda_fn(nda_keys, images))
+
+
+def momentum_update(key_params: PyTree, params: PyTree, momentum: float) -> PyTree:
+  """The key encoder: an exponential moving average of the query encoder."""
+  return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_params, params)
+
+
+def encode_keys(encode: Callable, key_params: PyTree, key_stats: PyTree, views: jax.Array,
+                groups: batch_norm.BNGroups) -> tuple[jax.Array, PyTree]:
+  """(keys without gradient, the key encoder's batch_stats after them)."""
+  keys, stats, _ = encode(key_params, key_stats, views, groups)
+  return jax.lax.stop_gradient(keys), stats
+
+
+def update_encoder(encode: Callable, infonce: Callable, tx: optax.GradientTransformation,
+                   state: MoCoState, query_view: jax.Array, k: jax.Array,
+                   nda_negatives: jax.Array | None, groups: batch_norm.BNGroups):
+  """One optimizer step of the query encoder on InfoNCE, gradients averaged over devices.
+
+  Returns (params, opt, batch_stats, pooled features of the query view, metrics).
+  """
+  def loss_fn(params):
+    q, stats, features = encode(params, state.batch_stats, query_view, groups)
+    loss, metrics = infonce(q, k, state.queue, nda_negatives)
+    return loss, (metrics, stats, features)
+
+  (_, (metrics, batch_stats, features)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  updates, opt = tx.update(grads, state.opt, state.params)
+  return optax.apply_updates(state.params, updates), opt, batch_stats, features, metrics
+
+
+def update_probe(probe_tx: optax.GradientTransformation, probe: PyTree, probe_opt: PyTree,
+                 features: jax.Array, labels: jax.Array) -> tuple[PyTree, PyTree, dict]:
+  """One step of the online probe on the features only: no gradient reaches the encoder.
+
+  Returns (probe, probe_opt, {'probe_loss', 'probe_top1'} of this device's batch).
+  """
+  features = jax.lax.stop_gradient(features)
+
+  def loss_fn(p):
+    logits = probe_logits(p, features)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe)
+  updates, probe_opt = probe_tx.update(jax.lax.pmean(grads, parallel.AXIS), probe_opt, probe)
+  metrics = {"probe_loss": loss, "probe_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+  return optax.apply_updates(probe, updates), probe_opt, metrics
+
+
+def enqueue_global(queue: jax.Array, ptr: jax.Array, k: jax.Array,
+                   nda_k: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Enqueues the whole global batch's keys (in global order; then its NDA keys if given)."""
+  new_keys = jax.lax.all_gather(k, parallel.AXIS, tiled=True)
+  if nda_k is not None:
+    new_keys = jnp.concatenate([new_keys, jax.lax.all_gather(nda_k, parallel.AXIS, tiled=True)])
+  return enqueue(queue, ptr, new_keys)
