@@ -34,6 +34,7 @@ import timing
 
 CASES = {"demo": demo_video.get_config, "r18_128": ucf101_dpc.get_config}
 QUICK_BATCH = 8
+FLAGS = flags.FLAGS
 
 
 def make_config(case: str, batch: int, nda: bool,
@@ -60,20 +61,10 @@ def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
                            flops_method=dpc.DPC(counted, num_train_examples=1000))
 
 
-_CASES = flags.DEFINE_list("cases", ["demo", "r18_128"], f"Cases, of {list(CASES)}.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: the config's.")
-_ITERS = flags.DEFINE_integer("iters", 5, "Timed steps per variant.")
-_QUICK = flags.DEFINE_bool("quick", False,
-                           f"CPU-sized: batch {QUICK_BATCH} unless --batch, 2 iterations.")
-
-
 def main(argv):
   del argv
-  cases = _CASES.value
-  for case in cases:
-    if case not in CASES:
-      raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
-  batch = _BATCH.value or (QUICK_BATCH if _QUICK.value else 0)
+  cases = timing.flag_cases(CASES)
+  batch = FLAGS.batch or (QUICK_BATCH if FLAGS.quick else 0)
 
   def note(case: str) -> str:
     m = make_config(case, batch, True).model
@@ -81,8 +72,10 @@ def main(argv):
 
   timing.compare_nda(cases, lambda case, nda: make_runner(case, batch, nda),
                      lambda case: make_config(case, batch, False).train.batch_size,
-                     iters=2 if _QUICK.value else _ITERS.value, unit="clips", note=note)
+                     iters=timing.flag_iters(), unit="clips", note=note)
 
 
 if __name__ == "__main__":
+  timing.define_flags(CASES, "Global batch; 0: the config's.",
+                      f"CPU-sized: batch {QUICK_BATCH} unless --batch, 2 iterations.")
   app.run(main)

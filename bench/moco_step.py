@@ -40,6 +40,7 @@ CASES = {
     "r50_224": ("resnet50", "imagenet", 256, 224, 65536),
 }
 QUICK_BATCH = {"r18_32": 64, "r50_224": 8}
+FLAGS = flags.FLAGS
 
 
 def make_config(case: str, batch: int, nda: bool,
@@ -66,27 +67,18 @@ def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
   return timing.StepRunner(moco.MoCo(config), host, flops_method=counted)
 
 
-if __name__ == "__main__":   # Only when run: bench/official_moco_step.py imports the runners.
-  _CASES = flags.DEFINE_list("cases", ["r18_32", "r50_224"], f"Cases, of {list(CASES)}.")
-  _BATCH = flags.DEFINE_integer("batch", 0, "Global batch; 0: per case (above).")
-  _ITERS = flags.DEFINE_integer("iters", 5, "Timed steps per variant.")
-  _QUICK = flags.DEFINE_bool("quick", False,
-                             f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations.")
-
-
 def main(argv):
   del argv
-  cases = _CASES.value
-  for case in cases:
-    if case not in CASES:
-      raise ValueError(f"--cases: {case!r}; valid choices: {sorted(CASES)}")
+  cases = timing.flag_cases(CASES)
 
   def batch_of(case: str) -> int:
-    return _BATCH.value or (QUICK_BATCH[case] if _QUICK.value else 256)
+    return FLAGS.batch or (QUICK_BATCH[case] if FLAGS.quick else 256)
 
   timing.compare_nda(cases, lambda case, nda: make_runner(case, batch_of(case), nda), batch_of,
-                     iters=2 if _QUICK.value else _ITERS.value, unit="img")
+                     iters=timing.flag_iters(), unit="img")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # Only when run: bench/official_moco_step.py imports the runners.
+  timing.define_flags(CASES, "Global batch; 0: per case (above).",
+                      f"CPU-sized: batches {QUICK_BATCH} unless --batch, 2 iterations.")
   app.run(main)

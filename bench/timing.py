@@ -1,12 +1,13 @@
-"""What the step benchmarks share: the roofline reference, XLA's FLOP count, timing.
+"""What the step benchmarks share: the roofline reference, XLA's FLOP count, timing, flags.
 
 Imported by the scripts next to it (`python bench/<name>.py` puts bench/ on
 sys.path); not part of the package.
 """
 import functools
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,26 @@ def compare_nda(cases: list[str], make_runner: Callable[[str, bool], StepRunner]
     measured = sec["nda"] / sec["off"] - 1
     print(f"{case:>8} NDA overhead: measured {measured:+.1%} of a step's time, "
           f"predicted {predicted:+.1%} (FLOP ratio){note(case)}", flush=True)
+
+
+def define_flags(cases: Iterable[str], batch_help: str, quick_help: str) -> None:
+  """The flags of the NDA on/off step benchmarks: --cases, --batch, --iters, --quick."""
+  cases = list(cases)
+  flags.DEFINE_list("cases", cases, f"Cases, of {cases}.")
+  flags.DEFINE_integer("batch", 0, batch_help)
+  flags.DEFINE_integer("iters", 5, "Timed steps per variant.")
+  flags.DEFINE_bool("quick", False, quick_help)
+
+
+def flag_cases(valid: Iterable[str]) -> list[str]:
+  """--cases, each one of `valid` (ValueError naming the flag)."""
+  valid = sorted(valid)
+  for case in flags.FLAGS.cases:
+    if case not in valid:
+      raise ValueError(f"--cases: {case!r}; valid choices: {valid}")
+  return list(flags.FLAGS.cases)
+
+
+def flag_iters() -> int:
+  """--iters, or 2 with --quick."""
+  return 2 if flags.FLAGS.quick else flags.FLAGS.iters

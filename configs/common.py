@@ -142,6 +142,13 @@ def gan_config() -> ml_collections.ConfigDict:
   c.sample.seed = 0
   c.sample.scale = 2
 
+  gan_evals(c)
+  return c
+
+
+def gan_evals(c: ml_collections.ConfigDict) -> None:
+  """The official evaluation: FID-10k every 5000 iterations (the 5 best kept), and the
+  anomaly AUROC of D at the end."""
   c.evals.fid = evaluators.default_config("sample_quality")
   c.evals.fid.metrics = ("fid",)
   c.evals.fid.every = 5000              # test_every
@@ -156,7 +163,6 @@ def gan_config() -> ml_collections.ConfigDict:
   c.evals.anomaly.ndas = ANOMALY_NDAS
 
   keep_best(c, "fid", mode="min", keep=5)   # num_best_copies
-  return c
 
 
 def apply_gan_variants(c: ml_collections.ConfigDict, variants: set[str]) -> None:
@@ -198,16 +204,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.aug.p_flip = 0.5
   host_views(c, num=2, size=c.aug.get_ref("crop_size"), scale=c.aug.get_ref("scale"))
 
-  # NDA negatives: an NDA of each query's view, encoded by the key encoder.
-  c.nda = ml_collections.ConfigDict()
-  c.nda.enabled = True
-  c.nda.name = "jigsaw"                 # any registry NDA, or 'a+b' with probs
-  c.nda.probs = ml_collections.FieldReference(None, field_type=list)
-  c.nda.params = ml_collections.ConfigDict({"jigsaw": {"k": 2, "layout": "clean"}})
-  c.nda.source = "query_view"           # or 'image': NDA before the positive augmentation
-  c.nda.scope = "own"                   # 'own': each query's own NDA key; 'batch': all of them
-  c.nda.weight = 1.0                    # multiplies exp(NDA logits) in the denominator
-  c.nda.enqueue = False                 # True: NDA keys also enter the queue
+  c.nda = moco_nda()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.encoder = optim.default_config("sgd")
@@ -224,13 +221,7 @@ def moco_config() -> ml_collections.ConfigDict:
 
   # Online linear probe (solo-learn's): stop-gradient features, its own SGD; off here
   # (see imagenet_moco.py for its measured cost), on with `enable_online_probe`.
-  c.online_probe = ml_collections.ConfigDict()
-  c.online_probe.enabled = False
-  c.online_probe.optim = optim.default_config("sgd")
-  c.online_probe.optim.lr = 0.1         # solo-learn's classifier lr, no weight decay
-  c.online_probe.optim.momentum = 0.9
-  c.online_probe.optim.weight_decay = 0.0
-  c.online_probe.optim.schedule = "cosine"
+  c.online_probe = online_probe_config()
 
   c.evals.knn = evaluators.default_config("knn")
   c.evals.knn.max_train = 50000         # a fixed subset of ImageNet train as the feature bank
@@ -240,12 +231,65 @@ def moco_config() -> ml_collections.ConfigDict:
   return c
 
 
+def moco_nda() -> ml_collections.ConfigDict:
+  """NDA negatives: an NDA of each query's view, encoded by the key encoder."""
+  n = ml_collections.ConfigDict()
+  n.enabled = True
+  n.name = "jigsaw"                     # any registry NDA, or 'a+b' with probs
+  n.probs = ml_collections.FieldReference(None, field_type=list)
+  n.params = ml_collections.ConfigDict({"jigsaw": {"k": 2, "layout": "clean"}})
+  n.source = "query_view"               # or 'image': NDA before the positive augmentation
+  n.scope = "own"                       # 'own': each query's own NDA key; 'batch': all of them
+  n.weight = 1.0                        # multiplies exp(NDA logits) in the denominator
+  n.enqueue = False                     # True: NDA keys also enter the queue
+  return n
+
+
+def online_probe_config() -> ml_collections.ConfigDict:
+  """solo-learn's online linear probe, off."""
+  p = ml_collections.ConfigDict()
+  p.enabled = False
+  p.optim = optim.default_config("sgd")
+  p.optim.lr = 0.1                      # solo-learn's classifier lr, no weight decay
+  p.optim.momentum = 0.9
+  p.optim.weight_decay = 0.0
+  p.optim.schedule = "cosine"
+  return p
+
+
 def enable_online_probe(c: ml_collections.ConfigDict) -> None:
   """The online probe on, its test top-1 evaluated with the kNN monitor (evals.online_probe)."""
   c.online_probe.enabled = True
   c.evals.online_probe = evaluators.default_config("classification")
   c.evals.online_probe.every = c.evals.knn.every
   c.evals.online_probe.batch_size = c.evals.knn.batch_size
+
+
+def ucf101_clips() -> ml_collections.ConfigDict:
+  """UCF-101 split 1 as DPC reads it: 240 px frames at stride 3, a video 10 examples."""
+  d = data_config("ucf101", image_size=240, num_classes=101)
+  d.resize_size = 240                   # DPC's frames: shorter side 240; host: centre 240x240
+  d.frame_stride = 3                    # DPC's --ds 3
+  d.split_number = 1
+  d.splits_dir = ml_collections.FieldReference(None, field_type=str)
+  d.clips_per_video = 10                # each with its own fixed start
+  d.clip_seed = 0
+  return d
+
+
+def r2d3d_model(c: ml_collections.ConfigDict, bn_group_size: int) -> None:
+  """DPC's encoder and ConvGRU (R2D3D-18, 8 blocks x 5 frames); data.num_frames follows."""
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 18                    # R2D3D-18
+  c.model.width = 64                    # 256-d features
+  c.model.num_seq = 8                   # blocks per clip
+  c.model.seq_len = 5
+  c.data.num_frames = clip_frames(c.model)
+  c.model.gru_kernel = 1
+  c.model.gru_dropout = 0.1             # DPC's ConvGRU dropout (on in training and fine-tuning)
+  c.model.bn_group_size = bn_group_size
+  c.model.input_norm = "imagenet"       # DPC's Normalize(): ImageNet mean/std
+  c.model.conv_impl = "auto"
 
 
 def video_classifier_config() -> ml_collections.ConfigDict:
@@ -268,27 +312,10 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.pretrained_workdir = ml_collections.FieldReference(None, field_type=str)  # a DPC workdir, or ''
   c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
   c.mode = "finetune"                   # or 'linear'
-  c.data = data_config("ucf101", image_size=240, num_classes=101)
-  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
-  c.data.frame_stride = 3               # DPC's --ds 3
-  c.data.split_number = 1
-  c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.clips_per_video = 10
-  c.data.clip_seed = 0
+  c.data = ucf101_clips()
   c.data.val_fraction = 0.1             # of the training list's groups, held out as 'val'
-
-  c.model = ml_collections.ConfigDict()  # must match the pretrained run's architecture
-  c.model.depth = 18
-  c.model.width = 64                    # 256-d features
-  c.model.num_seq = 8                   # blocks per clip
-  c.model.seq_len = 5
-  c.data.num_frames = clip_frames(c.model)
-  c.model.gru_kernel = 1
-  c.model.gru_dropout = 0.1             # DPC's ConvGRU dropout, on while fine-tuning
+  r2d3d_model(c, bn_group_size=64)      # dpc_config's: the pretrained run's architecture
   c.model.head_dropout = 0.5
-  c.model.bn_group_size = 64
-  c.model.input_norm = "imagenet"
-  c.model.conv_impl = "auto"
 
   c.aug = ml_collections.ConfigDict()   # DPC's fine-tuning views, one draw per clip
   c.aug.crop_size = 224                 # evaluation: central 224 of the 240 px frames ...
@@ -332,26 +359,9 @@ def dpc_config() -> ml_collections.ConfigDict:
   DPC's (47 x 10 = 470).
   """
   c = run_config("dpc", seed=0)
-  c.data = data_config("ucf101", image_size=240, num_classes=101)
-  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
-  c.data.frame_stride = 3               # DPC's --ds 3
-  c.data.split_number = 1
-  c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.clips_per_video = 10
-  c.data.clip_seed = 0
-
-  c.model = ml_collections.ConfigDict()
-  c.model.depth = 18                    # R2D3D-18
-  c.model.width = 64                    # 256-d features
-  c.model.num_seq = 8
-  c.model.seq_len = 5
-  c.data.num_frames = clip_frames(c.model)
+  c.data = ucf101_clips()
+  r2d3d_model(c, bn_group_size=32)      # BN statistics per 32 clips = DPC's per-GPU batch
   c.model.pred_step = 3
-  c.model.gru_kernel = 1
-  c.model.gru_dropout = 0.1
-  c.model.bn_group_size = 32            # BN statistics per 32 clips = DPC's per-GPU batch
-  c.model.input_norm = "imagenet"       # DPC's Normalize(): ImageNet mean/std
-  c.model.conv_impl = "auto"
 
   c.dpc = ml_collections.ConfigDict()
   c.dpc.candidate_group_size = 32       # DPC's per-GPU candidates; 0: the global batch

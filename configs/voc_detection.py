@@ -71,41 +71,51 @@ def get_config(arg=None):
   c.eval.score_thresh = 0.05            # Detectron2's SCORE_THRESH_TEST
   c.eval.detections_per_img = 100
   if "digits" in variants or "tiny" in variants:
-    c.data.classes = tuple(str(d) for d in range(10))
-    c.data.min_size_train = (64,)       # the canvases as they are: no resizing
-    c.data.min_size_test = 64
-    c.data.max_size = 64
-    c.data.p_flip = 0.0                 # a mirrored digit is another glyph
-    c.model.untrained = ml_collections.ConfigDict(
-        {"arch": "resnet18", "stem": "cifar", "width": 16})
-    c.model.fpn_channels = 32
-    # Digits of 12-24 px at FPN strides 1..16 (the 'cifar' stem does not downsample).
-    c.model.anchor_sizes = (8, 16, 32, 64, 128)
-    # ~2.5 digits per canvas: a few hundred proposals and 64 sampled RoIs cover them.
-    c.model.box_batch_size_per_image = 64
-    c.model.representation_size = 128
-    c.model.rpn_pre_nms_top_n = ml_collections.ConfigDict({"train": 500, "test": 500})
-    c.model.rpn_post_nms_top_n = ml_collections.ConfigDict({"train": 256, "test": 256})
-    # One thread: on a shared 2-core CPU torch's two threads measured 20x slower
-    # (a resnet18 step: 9-12 s against 0.47 s, with other processes on the cores).
-    c.torch_threads = 1
-    # A CPU budget (~6 min on one shared core, 1.7 s an iteration): 200 iterations at
-    # batch 8 (2 epochs of the 800 canvases), lr 0.01 by the linear scaling rule.
-    c.train.iterations = 200
-    c.train.batch_size = 8
-    c.optim.steps = (150, 183)          # 75% and 92% of training, as 18k / 22k of 24k
-    c.optim.warmup_iters = 50
-    c.train.log_every = 25
-    c.eval.batch_size = 50
+    _digits(c)
   if "tiny" in variants:
-    c.model.untrained.width = 4
-    c.model.fpn_channels = 16
-    c.model.representation_size = 32
-    c.model.box_batch_size_per_image = 32
-    c.train.iterations = 4
-    c.train.batch_size = 4
-    c.optim.steps = (2, 3)
-    c.optim.warmup_iters = 2
-    c.train.log_every = 1
-    c.eval.batch_size = 4
+    _tiny(c)
   return c
+
+
+def _digits(c: ml_collections.ConfigDict) -> None:
+  """The demo's digit canvases and backbone on a CPU budget."""
+  c.data.classes = tuple(str(d) for d in range(10))
+  c.data.min_size_train = (64,)         # the canvases as they are: no resizing
+  c.data.min_size_test = 64
+  c.data.max_size = 64
+  c.data.p_flip = 0.0                   # a mirrored digit is another glyph
+  c.model.untrained = ml_collections.ConfigDict(
+      {"arch": "resnet18", "stem": "cifar", "width": 16})
+  c.model.fpn_channels = 32
+  # Digits of 12-24 px at FPN strides 1..16 (the 'cifar' stem does not downsample).
+  c.model.anchor_sizes = (8, 16, 32, 64, 128)
+  # ~2.5 digits per canvas: a few hundred proposals and 64 sampled RoIs cover them.
+  c.model.box_batch_size_per_image = 64
+  c.model.representation_size = 128
+  c.model.rpn_pre_nms_top_n = ml_collections.ConfigDict({"train": 500, "test": 500})
+  c.model.rpn_post_nms_top_n = ml_collections.ConfigDict({"train": 256, "test": 256})
+  # One thread: on a shared 2-core CPU torch's two threads measured 20x slower
+  # (a resnet18 step: 9-12 s against 0.47 s, with other processes on the cores).
+  c.torch_threads = 1
+  # A CPU budget (~6 min on one shared core, 1.7 s an iteration): 200 iterations at
+  # batch 8 (2 epochs of the 800 canvases), lr 0.01 by the linear scaling rule.
+  c.train.iterations = 200
+  c.train.batch_size = 8
+  c.optim.steps = (150, 183)            # 75% and 92% of training, as 18k / 22k of 24k
+  c.optim.warmup_iters = 50
+  c.train.log_every = 25
+  c.eval.batch_size = 50
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """A few iterations of a minute model, for tests."""
+  c.model.untrained.width = 4
+  c.model.fpn_channels = 16
+  c.model.representation_size = 32
+  c.model.box_batch_size_per_image = 32
+  c.train.iterations = 4
+  c.train.batch_size = 4
+  c.optim.steps = (2, 3)
+  c.optim.warmup_iters = 2
+  c.train.log_every = 1
+  c.eval.batch_size = 4

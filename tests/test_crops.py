@@ -334,4 +334,4 @@ def test_linear_probe_trains_on_host_views(tmp_path, monkeypatch):
   assert [r["step"] for r in records if "loss" in r] == [1]
   c.data.views.size = 24
   with pytest.raises(ValueError, match="config.data.views="):
-    loop.check_config(c)
+    loop.devices_and_method(c)

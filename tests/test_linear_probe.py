@@ -187,19 +187,23 @@ def test_config_errors_name_the_flag(moco_workdir, tmp_path):
   c = probe_config(moco_workdir, 3)
   c.pretrained_workdir = None
   with pytest.raises(ValueError, match="--config.pretrained_workdir=DIR"):
-    loop.check_config(c)
+    loop.devices_and_method(c)
   c.pretrained_workdir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="config.pretrained_workdir=.*config.json"):
-    loop.check_config(c)
+    loop.devices_and_method(c)
   gan_config = ml_collections.ConfigDict({"trainer": "gan"})
   from nda_jax import config_lib  # pylint: disable=g-import-not-at-top
   config_lib.write_config(gan_config, str(tmp_path))
   with pytest.raises(ValueError, match="is a 'gan' run"):
-    loop.check_config(c)
+    loop.devices_and_method(c)
+  c = probe_config(moco_workdir, 3)
+  c.data.channels = 1
+  with pytest.raises(ValueError, match=r"different architecture: data.channels=1 \(the run has 3\)"):
+    loop.devices_and_method(c)
   c = probe_config(moco_workdir, 3)
   c.pretrained_checkpoint = "7"
   with pytest.raises(ValueError, match=r"pretrained_checkpoint='7'.*kept steps: \[0\]"):
-    loop.check_config(c)
+    loop.devices_and_method(c)
 
 
 # ---------------------------------------------------------------- importer CLI -> probe
@@ -290,7 +294,7 @@ def test_probe_takes_the_best_pretrained_checkpoint(tmp_path):
   assert checkpointer.all_steps() == [2, 3]
   c = probe_config(tmp_path / "moco", 1)
   c.pretrained_checkpoint = "best"
-  loop.check_config(c)
+  loop.devices_and_method(c)
   method = trainers.get_method(c)
   backbone = method.pretrained_backbone()
   for which, step in (("best", 2), ("latest", 3)):

@@ -540,14 +540,14 @@ def test_main_trains_checkpoints_resumes_exactly_and_reports_knn(tmp_path, monke
 ])
 def test_bad_config_names_the_key(overrides, fragments):
   with pytest.raises(ValueError) as info:
-    loop.check_config(tiny_config(**overrides))   # What main runs before touching the workdir.
+    loop.devices_and_method(tiny_config(**overrides))  # What main runs before the workdir.
   for fragment in fragments:
     assert fragment in str(info.value)
 
 
 def test_good_config_passes():
-  loop.check_config(tiny_config())
-  loop.check_config(tiny_config(**CONFIGS["variants"]))
+  loop.devices_and_method(tiny_config())
+  loop.devices_and_method(tiny_config(**CONFIGS["variants"]))
 
 
 # ---------------------------------------------------------------- the notebook

@@ -19,6 +19,7 @@ from configs import cifar10_moco
 from configs import demo_moco
 from configs import imagenet_linear
 from configs import imagenet_moco
+from nda_jax import evaluators
 from nda_jax import optim
 from nda_jax import trainers
 from nda_jax.data import sources
@@ -134,7 +135,8 @@ def test_unknown_variant_is_refused_by_name(module):
 @pytest.mark.parametrize("dataset", MODULES)
 def test_passes_the_trainers_checks(dataset, variant):
   c = MODULES[dataset][0].get_config(variant)
-  dp, _ = loop.check_config(c)         # What main runs before touching the workdir (8 CPU devices).
+  dp, _ = loop.devices_and_method(c)   # What main runs before touching the workdir (8 CPU devices),
+  evaluators.validate(c.evals)         # and what its make_evaluators checks of config.evals.
   assert dp.num_devices == len(jax.devices())
   trainers.get_method(c, CIFAR_TRAIN).validate(1)
 

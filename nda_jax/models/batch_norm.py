@@ -132,6 +132,10 @@ class GroupBatchNorm(nn.Module):
 
   Variables: params 'scale', 'bias'; batch_stats 'mean', 'var' (like Flax's
   BatchNorm). Apply with mutable=['batch_stats'] when training.
+
+  Not biggan.batch_norm: that is BigGAN-PyTorch's whole-batch F.batch_norm, stored
+  in the calling layer for its importer and with an update_stats switch; this one
+  normalises fixed groups of examples (MoCo's query and key groups, DPC's clips).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5

@@ -130,6 +130,10 @@ def batch_norm(module: nn.Module, x: jax.Array, *, use_running_average: bool, up
   unbiased one for the running average (`ra = momentum * ra + (1 - momentum) * batch`,
   Flax's momentum convention). With `axis_name`, statistics are averaged over that
   mesh axis, so a sharded batch normalises exactly like the whole batch.
+
+  Not batch_norm.GroupBatchNorm: BigGAN needs no groups, keeps the statistics in
+  the calling layer as BigGAN-PyTorch's ccbn / bn do (the importer maps them one to
+  one), and samples with batch statistics without updating the running averages.
   """
   features = x.shape[-1]
   ra_mean = module.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)

@@ -80,7 +80,11 @@ def _pad(padding: int | Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]
 
 
 class ConvBN(nn.Module):
-  """torchvision's `BasicConv2d`: conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU."""
+  """torchvision's `BasicConv2d`: conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU.
+
+  Flax's BatchNorm, not GroupBatchNorm: the FID network is only ever applied with its
+  imported running averages, so no batch statistics (grouped or synced) arise.
+  """
   features: int
   kernel_size: Sequence[int] = (1, 1)
   strides: int = 1

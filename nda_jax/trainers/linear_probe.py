@@ -10,12 +10,13 @@ original photo (`data.crops='host'`, data/crops.py: batches of uint8
 [B, 1, S, S, C]); evaluation (the 'classification' evaluator) center-crops.
 
 The backbone comes from `config.pretrained_workdir`: a MoCo run, or a workdir
-written by `python -m nda_jax.importers.moco_pytorch` (released weights),
-read through the trainer registry (`trainers.load_run`, checkpoint
-`config.pretrained_checkpoint`: 'latest', 'best' or a step), taking the query
-encoder's backbone. The encoder's description (`model`, `aug.crop_size`,
-`data.channels`) is read from that run's config.json, so a probe config does
-not repeat it; the probe's own `dtype` sets the activations' precision.
+written by `python -m nda_jax.importers.moco_pytorch` (released weights), at
+checkpoint `config.pretrained_checkpoint` ('latest', 'best' or a step), taking
+the query encoder's backbone (trainers/pretrained.py, as the video
+classifier). The encoder's description (`model`, `aug.crop_size`) is read from
+that run's config.json, so a probe config does not repeat it (its
+`data.channels` must be the run's); the probe's own `dtype` sets the
+activations' precision.
 
 The frozen backbone is part of the probe's TrainState, so its checkpoints
 hold the exact weights that were probed: a pre-training run that goes on (or
@@ -36,14 +37,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nda_jax import config_lib
 from nda_jax import images as images_lib
 from nda_jax import optim
 from nda_jax import parallel
-from nda_jax import trainers
 from nda_jax.augment import positive
 from nda_jax.models import resnet
 from nda_jax.trainers import method as method_lib
+from nda_jax.trainers import pretrained
 from nda_jax.trainers import moco
 
 PyTree = Any
@@ -87,13 +87,8 @@ class LinearProbe(method_lib.Method):
   @functools.cached_property
   def pretrained_config(self) -> ml_collections.ConfigDict:
     """The config.json of `config.pretrained_workdir` (ValueError naming the flag)."""
-    workdir = self.config.pretrained_workdir
-    if not workdir:
-      raise ValueError("config.pretrained_workdir is not set: pass "
-                       "--config.pretrained_workdir=DIR, the workdir of a MoCo run or of "
-                       "`python -m nda_jax.importers.moco_pytorch`")
-    return config_lib.load_run_config(
-        workdir, "config.pretrained_workdir", "moco",
+    return pretrained.run_config(
+        self.config, "moco", "a MoCo run or of `python -m nda_jax.importers.moco_pytorch`",
         "the linear probe reads MoCo runs (trainer 'moco') and workdirs of "
         "nda_jax.importers.moco_pytorch")
 
@@ -119,27 +114,19 @@ class LinearProbe(method_lib.Method):
     if not 0 < low <= high <= 1:
       raise ValueError(f"config.aug.scale={tuple(c.aug.scale)} must satisfy 0 < low <= high <= 1")
     method_lib.check_range(c, "aug.p_flip", low=0, high=1)
-    pretrained = self.pretrained_config
-    if c.data.channels != pretrained.data.channels:
-      raise ValueError(f"config.data.channels={c.data.channels} but the encoder in "
-                       f"{c.pretrained_workdir} takes {pretrained.data.channels}-channel images")
+    pretrained.check_agrees(c, self.pretrained_config, ("data.channels",))
     if moco.host_crops(c):
       moco.check_host_views(c, num=1, size=self.crop_size, scale=c.aug.scale)
     if c.data.image_size < self.crop_size:
       raise ValueError(f"config.data.image_size={c.data.image_size} is smaller than the "
                        f"encoder's crop size {self.crop_size} (its aug.crop_size)")
-    try:
-      trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
-                               lambda ckpt, step: step)
-    except (ValueError, FileNotFoundError) as e:
-      raise ValueError(f"config.pretrained_checkpoint={c.pretrained_checkpoint!r}: {e}") from None
+    pretrained.check_checkpoint(c, self.pretrained_config)
     # Model and optimizer errors, without compiling or reading the checkpoint.
     jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
 
   def pretrained_backbone(self) -> PyTree:
     """{'params', 'batch_stats'} of the pretrained query encoder's backbone (read from disk)."""
-    _, _, state = trainers.load_run(self.config.pretrained_workdir,
-                                    self.config.pretrained_checkpoint)
+    state = pretrained.load_state(self.config)
     return {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
 
   # ---------------------------------------------------------------- training

@@ -39,8 +39,8 @@ INPUT_BOUND = 0.5
 INPUT_BOUND_WARNING = (
     "step %d: input-bound, %.0f%% of the time since the last log waited for the next host "
     "batch: raise config.data.worker_count (processes) or read_threads, or decode less")
-# Recorded in the guard when the parameters (not a metric) went non-finite.
-_PARAMS = "parameters"
+# The guard's `bad_metric` when every metric was finite and the new state was not.
+_PARAMETERS = -1
 
 
 class NonFiniteError(FloatingPointError):
@@ -57,24 +57,31 @@ def _all_finite(tree: PyTree) -> jax.Array:
 def guarded(step_fn: method_lib.StepFn) -> method_lib.StepFn:
   """Wraps a per-device step so that a non-finite step is not applied.
 
-  The carry is (state, guard): guard = (first bad step or -1, index of the
-  first non-finite metric in sorted order, or len(metrics) for the
-  parameters). The check is a few reductions per step, on device; the host
-  reads the guard only when it logs or saves.
+  The carry is (state, guard): guard = (first bad step or -1, `bad_metric`: the
+  index of its first non-finite metric in sorted order, or _PARAMETERS when its
+  metrics were finite and the new state was not). The check is a few reductions
+  per step, on device; the host reads the guard only when it logs or saves.
   """
   def step(carry, batch):
-    state, (bad_step, bad_what) = carry
+    state, (bad_step, bad_metric) = carry
     new_state, metrics = step_fn(state, batch)
-    names = sorted(metrics)
-    finite = jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in names]
-                       + [_all_finite(new_state)])
-    ok = jnp.all(finite)
+    this_bad = _first_non_finite(metrics)
+    ok = (this_bad == _PARAMETERS) & _all_finite(new_state)
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     first = (bad_step < 0) & ~ok
     bad_step = jnp.where(first, state.step, bad_step)
-    bad_what = jnp.where(first, jnp.argmin(finite).astype(jnp.int32), bad_what)
-    return (state, (bad_step, bad_what)), metrics
+    bad_metric = jnp.where(first, this_bad, bad_metric)
+    return (state, (bad_step, bad_metric)), metrics
   return step
+
+
+def _first_non_finite(metrics: dict[str, jax.Array]) -> jax.Array:
+  """The index of the first non-finite metric in sorted order; _PARAMETERS if none is."""
+  finite = [jnp.all(jnp.isfinite(metrics[k])) for k in sorted(metrics)]
+  if not finite:
+    return jnp.array(_PARAMETERS, jnp.int32)
+  finite = jnp.stack(finite)
+  return jnp.where(jnp.all(finite), _PARAMETERS, jnp.argmin(finite)).astype(jnp.int32)
 
 
 def _new_guard() -> tuple[jax.Array, jax.Array]:
@@ -84,10 +91,10 @@ def _new_guard() -> tuple[jax.Array, jax.Array]:
 def check_guard(guard, metric_names: list[str], workdir: str,
                 last_saved: int | None = None) -> None:
   """NonFiniteError if a step went non-finite; `last_saved`: the newest checkpoint's step."""
-  bad_step, bad_what = (int(x) for x in jax.device_get(guard))
+  bad_step, bad_metric = (int(x) for x in jax.device_get(guard))
   if bad_step < 0:
     return
-  what = metric_names[bad_what] if bad_what < len(metric_names) else _PARAMS
+  what = "parameters" if bad_metric == _PARAMETERS else metric_names[bad_metric]
   kept = (f"The last good checkpoint, step {last_saved}, in {workdir}/checkpoints is kept"
           if last_saved is not None else
           f"No checkpoint was saved before it ({workdir}/checkpoints has none)")
@@ -99,6 +106,7 @@ def check_guard(guard, metric_names: list[str], workdir: str,
 
 # ------------------------------------------------------------------ evaluation
 def make_evaluators(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
+  """The run's evaluators; `evaluators.build` checks config.evals (ValueError naming a key)."""
   if not config.get("evals"):
     return {}
   return evaluators_lib.build(config.evals, config.data, workdir=workdir, mesh=mesh)
@@ -130,10 +138,12 @@ _INTEGERS_AT_LEAST = (("max_devices", 0), ("checkpoint.every", 1), ("checkpoint.
                       ("train.log_every", 1), ("train.total_steps", 0))
 
 
-def check_config(config: ml_collections.ConfigDict
-                 ) -> tuple[parallel.DataParallel, method_lib.Method]:
-  """Every check that needs no data, before the workdir is touched: the devices
-  and the method (the one instance the run uses) for a config that passes."""
+def devices_and_method(config: ml_collections.ConfigDict
+                       ) -> tuple[parallel.DataParallel, method_lib.Method]:
+  """The devices and the method (the one instance the run uses) of a config that
+  passes every check of the loop and the method that needs no data (ValueError
+  otherwise), before the workdir is touched. `config.evals` is checked where
+  it is read, by `make_evaluators`."""
   for key, low in _INTEGERS_AT_LEAST:
     method_lib.check_range(config, key, low=low, integer=True)
   if config.max_devices > len(jax.devices()):
@@ -142,8 +152,6 @@ def check_config(config: ml_collections.ConfigDict
   dp = parallel.DataParallel(config.parallel, config.max_devices)
   method = trainers.get_method(config)
   method.validate(dp.num_devices)
-  if config.get("evals"):
-    evaluators_lib.validate(config.evals)
   return dp, method
 
 
@@ -388,7 +396,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   SIGTERM: saves and returns. SIGINT: saves and raises KeyboardInterrupt
   (`main` exits 130); a second SIGINT aborts at once.
   """
-  dp, method = check_config(config)
+  dp, method = devices_and_method(config)
   evaluators = make_evaluators(config, workdir, dp.mesh)   # Config errors before any work.
   with contextlib.ExitStack() as stack:
     data_iter = stack.enter_context(contextlib.closing(_open_data(config, method)))

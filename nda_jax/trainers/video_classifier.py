@@ -29,15 +29,15 @@ the central `aug.crop_size` square scaled to `aug.out_size`
 frames are the central square of each frame (data/video_frames.py), where DPC
 crops from the whole 320x240 frame.
 
-The encoder comes from `config.pretrained_workdir`, a DPC run read through
-the trainer registry (`trainers.load_run`, checkpoint
-`config.pretrained_checkpoint`), and the head starts at DPC's init.
-`pretrained_workdir=''` is the untrained baseline (the same model from a
-random init). The architecture is `config.model` (the untrained baseline
-needs it); a pretrained run must agree with it on ARCHITECTURE_KEYS. As the
-linear probe of MoCo (trainers/linear_probe.py), the state holds the encoder
-it trains from, so a checkpoint evaluates on its own and a resumed run does
-not depend on the pretraining run's later checkpoints.
+The encoder comes from `config.pretrained_workdir`, a DPC run, at checkpoint
+`config.pretrained_checkpoint` (trainers/pretrained.py, as the linear probe),
+and the head starts at DPC's init. `pretrained_workdir=''` is the untrained
+baseline (the same model from a random init). The architecture is also
+`config.model` (the baseline and the clips' frames need it), so the run's
+config.json must agree with it on ARCHITECTURE_KEYS. As the linear probe of
+MoCo (trainers/linear_probe.py), the state holds the encoder it trains from,
+so a checkpoint evaluates on its own and a resumed run does not depend on the
+pretraining run's later checkpoints.
 
 BatchNorm (encoder and head): statistics over `model.bn_group_size` clips of
 the global batch (`batch_norm.query_groups`), device-count independent;
@@ -57,16 +57,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nda_jax import config_lib
 from nda_jax import images as images_lib
 from nda_jax import optim
 from nda_jax import parallel
-from nda_jax import trainers
 from nda_jax.augment import positive
 from nda_jax.models import batch_norm
 from nda_jax.models import dpc as dpc_model
 from nda_jax.trainers import dpc as dpc_trainer
 from nda_jax.trainers import method as method_lib
+from nda_jax.trainers import pretrained
 
 PyTree = Any
 
@@ -153,32 +152,15 @@ class VideoClassifier(method_lib.Method):
   @functools.cached_property
   def pretrained_config(self) -> ml_collections.ConfigDict | None:
     """The config.json of `config.pretrained_workdir`; None for the untrained baseline ('')."""
-    workdir = self.config.pretrained_workdir
-    if workdir is None:
-      raise ValueError("config.pretrained_workdir is not set: pass "
-                       "--config.pretrained_workdir=DIR (the workdir of a DPC run), or "
-                       "--config.pretrained_workdir='' for the untrained baseline")
-    if not workdir:
-      return None
-    return config_lib.load_run_config(workdir, "config.pretrained_workdir", "dpc",
-                                      "the video classifier reads DPC runs (trainer 'dpc')")
+    return pretrained.run_config(self.config, "dpc", "a DPC run",
+                                 "the video classifier reads DPC runs (trainer 'dpc')",
+                                 untrained=True)
 
   def _check_pretrained(self) -> None:
-    c, pretrained = self.config, self.pretrained_config
-    if pretrained is None:
-      return
-    differ = [f"model.{k}={c.model[k]!r} (the run has {pretrained.model[k]!r})"
-              for k in ARCHITECTURE_KEYS if c.model[k] != pretrained.model[k]]
-    if c.data.channels != pretrained.data.channels:
-      differ.append(f"data.channels={c.data.channels} (the run has {pretrained.data.channels})")
-    if differ:
-      raise ValueError(f"config.pretrained_workdir={c.pretrained_workdir} is a different "
-                       f"architecture: set {', '.join(differ)}")
-    try:
-      trainers.read_checkpoint(pretrained, c.pretrained_workdir, c.pretrained_checkpoint,
-                               lambda ckpt, step: step)
-    except (ValueError, FileNotFoundError) as e:
-      raise ValueError(f"config.pretrained_checkpoint={c.pretrained_checkpoint!r}: {e}") from None
+    if self.pretrained_config is not None:
+      pretrained.check_agrees(self.config, self.pretrained_config,
+                              [f"model.{k}" for k in ARCHITECTURE_KEYS] + ["data.channels"])
+      pretrained.check_checkpoint(self.config, self.pretrained_config)
 
   def validate(self, num_devices: int) -> None:
     super().validate(num_devices)
@@ -227,8 +209,7 @@ class VideoClassifier(method_lib.Method):
 
   def pretrained_encoder(self) -> PyTree:
     """The pretrained run's encoder and ConvGRU variables (read from disk)."""
-    _, _, state = trainers.load_run(self.config.pretrained_workdir,
-                                    self.config.pretrained_checkpoint)
+    state = pretrained.load_state(self.config)
     return _encoder_variables(state.params, state.batch_stats)
 
   def init_state(self, rng: jax.Array) -> VideoClassifierState:
