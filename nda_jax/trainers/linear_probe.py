@@ -43,8 +43,8 @@ from nda_jax import parallel
 from nda_jax.augment import positive
 from nda_jax.models import resnet
 from nda_jax.trainers import method as method_lib
-from nda_jax.trainers import pretrained
 from nda_jax.trainers import moco
+from nda_jax.trainers import pretrained
 
 PyTree = Any
 TOPK = (1, 5)            # reported where the task has at least k classes
