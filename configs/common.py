@@ -271,7 +271,8 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
   c.mode = "finetune"                   # or 'linear'
   c.data = data_config("ucf101", image_size=240, num_classes=101)
-  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
+  c.data.resize_size = 240              # DPC's frames: 320x240, shorter side 240 ...
+  c.data.frame_width = 320              # ... kept whole: the random crops see all of it
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -293,7 +294,7 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = "auto"
 
   c.aug = ml_collections.ConfigDict()   # DPC's fine-tuning views, one draw per clip
-  c.aug.crop_size = 224                 # evaluation: central 224 of the 240 px frames ...
+  c.aug.crop_size = 224                 # evaluation: central 224 of the 320x240 frames ...
   c.aug.out_size = 128                  # ... scaled to 128 (the model's input)
   c.aug.scale = (0.5, 1.0)              # RandomSizedCrop's area
   c.aug.ratio = (3 / 4, 4 / 3)
@@ -335,7 +336,8 @@ def dpc_config() -> ml_collections.ConfigDict:
   """
   c = run_config("dpc", seed=0)
   c.data = data_config("ucf101", image_size=240, num_classes=101)
-  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
+  c.data.resize_size = 240              # DPC's frames: 320x240, shorter side 240 ...
+  c.data.frame_width = 320              # ... kept whole: the random crops see all of it
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -359,7 +361,7 @@ def dpc_config() -> ml_collections.ConfigDict:
   c.dpc.candidate_group_size = 32       # DPC's per-GPU candidates; 0: the global batch
 
   c.aug = ml_collections.ConfigDict()   # DPC's UCF-101 views, made on device
-  c.aug.crop_size = 224                 # RandomCrop(224) of the 240 px frames ...
+  c.aug.crop_size = 224                 # RandomCrop(224) of the 320x240 frames ...
   c.aug.out_size = 128                  # ... scaled to 128 (the model's input)
   c.aug.jitter = (0.5, 0.5, 0.5, 0.25)  # per frame, p = 1
   c.aug.p_gray = 0.5                    # per frame
