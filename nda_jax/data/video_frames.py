@@ -55,7 +55,8 @@ Frames are decoded with PIL, the shorter side resized to `resize_size`
 (image_folder.decode); random crops, flips and colour jitter are on-device
 augmentations. DPC's UCF-101 / HMDB-51 frames are 320x240 (shorter side 240),
 and its RandomCrop(224) is drawn from the whole frame: the DPC configs keep it
-(image_size 240, frame_width 320). Nothing is downloaded.
+(image_size 240, frame_width 320; the few wider HMDB-51 frames lose the columns
+beyond the central 320, which DPC's crops could reach). Nothing is downloaded.
 """
 import dataclasses
 import os
