@@ -16,11 +16,14 @@ measurements repeat by repeat (median kept), images per second of:
   main_moco aug+  the whole aug+ of main_moco on the host, ToTensor and
                   Normalize included (only with torchvision);
   the project's imagenet_moco / imagenet_linear training pipelines
-                  (pipeline.make_train_iterator on their data config: host
-                  crops, views of 224) with 0 worker processes (one read
-                  thread in the main process) and with each of --workers;
-                  and imagenet_moco with data.crops='device' (decode at 256,
-                  centre 256x256: the crops drawn on device), for comparison.
+                  (pipeline.make_train_iterator on their data config) with
+                  data.crops='host' (views of 224 resized on the host) and
+                  data.crops='canvas' (the decoded photo in a --canvas_size
+                  canvas with its boxes, resized on device: not timed here),
+                  each with 0 worker processes (one read thread in the main
+                  process) and with each of --workers; and imagenet_moco with
+                  data.crops='device' (decode at 256, centre 256x256: the
+                  crops drawn on device), for comparison.
 
 Prints img/s, the ratio to the decode floor (per core: divided by the worker
 count, 1 for 0 workers) and the cores one accelerator needs at
@@ -53,6 +56,7 @@ _WORKERS = flags.DEFINE_list("workers", ["1", "2"],
 _BATCH = flags.DEFINE_integer("batch", 25, "Host batch of the pipelines.")
 _BATCH_PER_STEP = flags.DEFINE_integer("batch_per_step", 256, "Images per accelerator step.")
 _STEPS_PER_SEC = flags.DEFINE_float("steps_per_sec", 3.0, "Accelerator steps per second.")
+_CANVAS = flags.DEFINE_integer("canvas_size", 500, "data.canvas_size of the canvas rows.")
 _DIR = flags.DEFINE_string("dir", None, "Where to write the JPEGs (default: a temporary folder).")
 _IDLE_FLOOR = flags.DEFINE_float(
     "idle_floor", 0.0, "Decode floor (img/s) of one idle core, for the cores-needed column on "
@@ -160,14 +164,20 @@ def main(argv):
   print(f"{n} JPEGs in {root}: mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} "
         f"(w x h), {sum(os.path.getsize(p) for p in paths) / n / 1e3:.0f} kB each; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+  canvas = _CANVAS.value
+  print(f"{np.mean(sizes.max(axis=1) > canvas):.0%} of them larger than the {canvas}-px canvas "
+        "(shrunk on the host)")
   tv = _torchvision_transforms()
-  moco_data = imagenet_moco.get_config().data
-  moco_data.data_dir = root
-  linear_data = imagenet_linear.get_config().data
-  linear_data.data_dir = root
-  device_data = ml_collections.ConfigDict(moco_data.to_dict())
-  device_data.crops = "device"
+
+  def data(config, crops_mode):
+    d = ml_collections.ConfigDict(config.get_config().data.to_dict())
+    d.data_dir, d.crops, d.canvas_size = root, crops_mode, canvas
+    return d
   workers = [0] + [int(w) for w in _WORKERS.value if int(w) > 0]
+  moco_views = int(imagenet_moco.get_config().data.views.num)
+  print(f"bytes per image to the device: host views {moco_views * 224 * 224 * 3:,} (moco), "
+        f"{224 * 224 * 3:,} (linear); canvas {canvas * canvas * 3 + 16 * moco_views:,} (moco), "
+        f"{canvas * canvas * 3 + 16:,} (linear)")
 
   def timed(fn):
     def run():
@@ -181,14 +191,13 @@ def main(argv):
   if tv is not None:
     rows["main_moco aug+ (torchvision, all on host)"] = (
         timed(lambda p: main_moco_aug_plus(p, tv)), 1)
-  for w in workers:
-    rows[f"imagenet_moco, host crops, {w} workers"] = (
-        lambda w=w: pipeline_pass(moco_data, w, n), max(w, 1))
-  for w in workers:
-    rows[f"imagenet_linear, host crops, {w} workers"] = (
-        lambda w=w: pipeline_pass(linear_data, w, n), max(w, 1))
+  for config in (imagenet_moco, imagenet_linear):
+    for mode in ("host", "canvas"):
+      for w in workers:
+        rows[f"{config.__name__.split('.')[-1]}, {mode} crops, {w} workers"] = (
+            lambda w=w, d=data(config, mode): pipeline_pass(d, w, n), max(w, 1))
   rows["imagenet_moco, crops on device (decode 256), 0 workers"] = (
-      lambda: pipeline_pass(device_data, 0, n), 1)
+      lambda d=data(imagenet_moco, "device"): pipeline_pass(d, 0, n), 1)
 
   results = {name: [] for name in rows}
   for repeat in range(_REPEATS.value):

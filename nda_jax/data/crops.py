@@ -19,6 +19,27 @@ with a margin of 1 instead of 2: 1.5-4.6). At full scale a view is exactly
 PIL's crop-then-resize, as torchvision's. For ImageNet photos and 224 views
 the reduction needs boxes of 896 px and up, so most decode at full scale.
 
+Canvas (`data.crops = 'canvas'`, `decode_canvas`): the host only decodes;
+the photo goes at the top-left of a zero uint8 [C, C, 3] canvas with its
+boxes, float32 [num, 4] (top, left, height, width in canvas pixels), and the
+train step resizes each box on the device (images.resized_crops, PIL's
+BILINEAR crop-then-resize). The two BILINEAR resizes cost the host more than
+the decode (README, "Measured"), so this is the mode that keeps up with the
+decode. The boxes are those of `draw_boxes` on the original image shape, so
+their distribution and their seeds are the host mode's. A photo larger than
+C on either side is shrunk on the host to fit (aspect kept; JPEGs through
+`Image.draft` to the smallest DCT scale still at least that size, then PIL
+BILINEAR) and its boxes are scaled with it: its views are then resized from
+the shrunk photo (two antialiasing filters instead of one) and are not
+exactly torchvision's. A photo that fits is never drafted, so its views are
+exactly PIL's crop-then-resize up to PIL's uint8 rounding. The default C=500
+holds ImageNet's common shapes (500x375, 500x333, 375x500: the longer side of
+most ImageNet photos is 500 px, Flickr's medium size) unshrunk; only the
+outliers (not measured here: ILSVRC-2012 holds some photos of 1000-3888 px)
+are shrunk. Bytes per example to the device: C*C*3 + 16*num, 750,032 for
+C=500 and two views, against 301,056 for two 224x224 host views (2.5x;
+5x for the linear probe's single view).
+
 Randomness: the boxes of an example come from NumPy's Philox seeded with
 (seed, epoch, record index) only, so a restored pipeline position yields the
 same views, any worker count gives the same views, and a record's boxes
@@ -136,3 +157,38 @@ def decode_views(path: str, spec: ViewSpec, rng: np.random.Generator,
   except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
     raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
                      "corrupt or not an image.") from e
+
+
+def fitted_size(width: int, height: int, canvas: int) -> tuple[int, int]:
+  """(w, h) of a width x height image shrunk, aspect kept, to fit a canvas x canvas square."""
+  if max(width, height) <= canvas:
+    return width, height
+  scale = canvas / max(width, height)
+  return (min(canvas, max(1, round(width * scale))),
+          min(canvas, max(1, round(height * scale))))
+
+
+def decode_canvas(path: str, spec: ViewSpec, rng: np.random.Generator,
+                  out: np.ndarray) -> np.ndarray:
+  """Reads one image file into the top-left of the zero canvas `out` (uint8 [C, C, 3]) ->
+  float32 [spec.num, 4] boxes (top, left, height, width), drawn on the original shape and
+  given in canvas pixels. The image is shrunk only if it does not fit.
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      boxes = np.asarray(draw_boxes(rng, height, width, spec), np.float64)
+      fit = fitted_size(width, height, out.shape[0])
+      if fit != (width, height):
+        image.draft("RGB", fit)
+      if image.mode != "RGB":
+        image = image.convert("RGB")
+      if image.size != fit:
+        image = image.resize(fit, Image.Resampling.BILINEAR)
+      pixels = np.asarray(image)
+  except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
+    raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
+                     "corrupt or not an image.") from e
+  out[:fit[1], :fit[0]] = pixels
+  boxes *= [fit[1] / height, fit[0] / width] * 2
+  return boxes.astype(np.float32)
