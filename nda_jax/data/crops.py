@@ -19,26 +19,26 @@ with a margin of 1 instead of 2: 1.5-4.6). At full scale a view is exactly
 PIL's crop-then-resize, as torchvision's. For ImageNet photos and 224 views
 the reduction needs boxes of 896 px and up, so most decode at full scale.
 
-Canvas (`data.crops = 'canvas'`, `decode_canvas`): the host only decodes;
-the photo goes at the top-left of a zero uint8 [C, C, 3] canvas with its
+Canvas (`data.crops = 'canvas'`, `decode_canvas`): the host only decodes.
+The photo goes at the top-left of a zero uint8 [C, C, 3] canvas, beside its
 boxes, float32 [num, 4] (top, left, height, width in canvas pixels), and the
-train step resizes each box on the device (images.resized_crops, PIL's
-BILINEAR crop-then-resize). The two BILINEAR resizes cost the host more than
-the decode (README, "Measured"), so this is the mode that keeps up with the
-decode. The boxes are those of `draw_boxes` on the original image shape, so
-their distribution and their seeds are the host mode's. A photo larger than
-C on either side is shrunk on the host to fit (aspect kept; JPEGs through
-`Image.draft` to the smallest DCT scale still at least that size, then PIL
-BILINEAR) and its boxes are scaled with it: its views are then resized from
-the shrunk photo (two antialiasing filters instead of one) and are not
-exactly torchvision's. A photo that fits is never drafted, so its views are
-exactly PIL's crop-then-resize up to PIL's uint8 rounding. The default C=500
-holds ImageNet's common shapes (500x375, 500x333, 375x500: the longer side of
-most ImageNet photos is 500 px, Flickr's medium size) unshrunk; only the
-outliers (not measured here: ILSVRC-2012 holds some photos of 1000-3888 px)
-are shrunk. Bytes per example to the device: C*C*3 + 16*num, 750,032 for
-C=500 and two views, against 301,056 for two 224x224 host views (2.5x;
-5x for the linear probe's single view).
+train step resizes each box on the device (images.resized_crops: PIL's
+BILINEAR crop-then-resize, within PIL's uint8 rounding of 1/255). The host's
+BILINEAR resizes cost more than the decode (README, "Measured"); this mode
+leaves them to the accelerator. The boxes are `draw_boxes` on the original
+shape, with the same seeds, so they are the host mode's boxes. A photo that
+fits is never drafted. A photo larger than C on either side is shrunk on the
+host to fit (aspect kept; a JPEG first through `Image.draft` by the largest
+DCT reduction that keeps it at least that size, then PIL BILINEAR) with its
+boxes scaled alike: its views are resized from fewer pixels (measured on
+scikit-learn's 640x427 photos in a 500 canvas: mean |difference| 1.3-3.3 of
+255 from torchvision's view), and the shrink costs the host about a decode
+more. The default C=500 is the longer side of most ImageNet photos (500x375,
+500x333, 375x500: Flickr's 500-px size), so those fit unshrunk; only the
+tail of larger ones (not counted here: surveys of the train set find photos
+up to 2592x3888) is shrunk. Bytes per example to the device: C*C*3 + 16*num
+= 750,032 at C=500 with two views, against 301,056 for two 224x224 host views
+(2.5x; 5x for the linear probe's one view).
 
 Randomness: the boxes of an example come from NumPy's Philox seeded with
 (seed, epoch, record index) only, so a restored pipeline position yields the
@@ -170,25 +170,36 @@ def fitted_size(width: int, height: int, canvas: int) -> tuple[int, int]:
 
 def decode_canvas(path: str, spec: ViewSpec, rng: np.random.Generator,
                   out: np.ndarray) -> np.ndarray:
-  """Reads one image file into the top-left of the zero canvas `out` (uint8 [C, C, 3]) ->
-  float32 [spec.num, 4] boxes (top, left, height, width), drawn on the original shape and
-  given in canvas pixels. The image is shrunk only if it does not fit.
+  """Reads one image file into the zero canvas `out` (uint8 [C, C, 3]) -> float32
+  [spec.num, 4] boxes (top, left, height, width) in canvas pixels.
+
+  The boxes are drawn on the original shape; the canvas holds the smallest
+  rectangle of the photo that contains them all, at its top-left: exactly,
+  or shrunk to fit when it is larger than C on either side.
   """
   try:
     with Image.open(path) as image:
       width, height = image.size
       boxes = np.asarray(draw_boxes(rng, height, width, spec), np.float64)
-      fit = fitted_size(width, height, out.shape[0])
-      if fit != (width, height):
-        image.draft("RGB", fit)
-      if image.mode != "RGB":
-        image = image.convert("RGB")
-      if image.size != fit:
-        image = image.resize(fit, Image.Resampling.BILINEAR)
-      pixels = np.asarray(image)
+      top, left = boxes[:, 0].min(), boxes[:, 1].min()
+      bottom, right = (boxes[:, 0] + boxes[:, 2]).max(), (boxes[:, 1] + boxes[:, 3]).max()
+      region = (int(left), int(top), int(right), int(bottom))
+      size = (region[2] - region[0], region[3] - region[1])
+      fit = fitted_size(*size, out.shape[0])
+      if fit == size:
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = np.asarray(image)[region[1]:region[3], region[0]:region[2]]
+      else:
+        image.draft("RGB", (math.ceil(width * fit[0] / size[0]),
+                            math.ceil(height * fit[1] / size[1])))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        sx, sy = image.width / width, image.height / height   # the drafted scale
+        pixels = np.asarray(image.resize(fit, Image.Resampling.BILINEAR, box=(
+            region[0] * sx, region[1] * sy, region[2] * sx, region[3] * sy)))
   except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
     raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
                      "corrupt or not an image.") from e
   out[:fit[1], :fit[0]] = pixels
-  boxes *= [fit[1] / height, fit[0] / width] * 2
+  boxes -= [top, left, 0, 0]
+  boxes *= [fit[1] / size[1], fit[0] / size[0]] * 2
   return boxes.astype(np.float32)

@@ -167,12 +167,10 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, global_batch_size: int,
   workers = _worker_count(cfg)
   if workers:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  if spec is None:
-    shape = source.element_shape
-  else:
-    shape = spec.shape if canvas is None else (canvas, canvas, 3)
-  return TrainIterator(dataset, source, batch_size, shape,
-                       None if canvas is None else spec.num)
+  if canvas is not None:
+    return TrainIterator(dataset, source, batch_size, (canvas, canvas, 3), spec.num)
+  return TrainIterator(dataset, source, batch_size,
+                       source.element_shape if spec is None else spec.shape)
 
 
 CROPS = ("device", "host", "canvas")
