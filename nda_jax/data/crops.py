@@ -20,25 +20,29 @@ PIL's crop-then-resize, as torchvision's. For ImageNet photos and 224 views
 the reduction needs boxes of 896 px and up, so most decode at full scale.
 
 Canvas (`data.crops = 'canvas'`, `decode_canvas`): the host only decodes.
-The photo goes at the top-left of a zero uint8 [C, C, 3] canvas, beside its
-boxes, float32 [num, 4] (top, left, height, width in canvas pixels), and the
-train step resizes each box on the device (images.resized_crops: PIL's
-BILINEAR crop-then-resize, within PIL's uint8 rounding of 1/255). The host's
-BILINEAR resizes cost more than the decode (README, "Measured"); this mode
-leaves them to the accelerator. The boxes are `draw_boxes` on the original
-shape, with the same seeds, so they are the host mode's boxes. A photo that
-fits is never drafted. A photo larger than C on either side is shrunk on the
-host to fit (aspect kept; a JPEG first through `Image.draft` by the largest
-DCT reduction that keeps it at least that size, then PIL BILINEAR) with its
-boxes scaled alike: its views are resized from fewer pixels (measured on
-scikit-learn's 640x427 photos in a 500 canvas: mean |difference| 1.3-3.3 of
-255 from torchvision's view), and the shrink costs the host about a decode
-more. The default C=500 is the longer side of most ImageNet photos (500x375,
-500x333, 375x500: Flickr's 500-px size), so those fit unshrunk; only the
-tail of larger ones (not counted here: surveys of the train set find photos
-up to 2592x3888) is shrunk. Bytes per example to the device: C*C*3 + 16*num
-= 750,032 at C=500 with two views, against 301,056 for two 224x224 host views
-(2.5x; 5x for the linear probe's one view).
+The smallest rectangle of the photo holding all the example's boxes goes at
+the top-left of a zero uint8 [C, C, 3] canvas, beside the boxes, float32
+[num, 4] (top, left, height, width in canvas pixels), and the train step
+resizes each box on the device (images.resized_crops: PIL's BILINEAR
+crop-then-resize, within PIL's uint8 rounding of 1/255). The host's BILINEAR
+resizes cost more than the decode (README, "Measured"); this mode leaves them
+to the accelerator. The boxes are `draw_boxes` on the original shape, with
+the same seeds, so they are the host mode's boxes. A rectangle that fits is
+copied exactly (never drafted). One larger than C on either side is shrunk
+on the host to fit (aspect kept; a JPEG first through `Image.draft` by the
+largest DCT reduction that keeps it at least that size, then PIL BILINEAR)
+with its boxes scaled alike: its views are resized from fewer pixels
+(measured on scikit-learn's 640x427 photos in a 400 canvas, rectangles shrunk
+to 0.62-0.95: mean |difference| 0.9-2.5 of 255 from torchvision's view), and
+the shrink costs the host more than the decode (1.4x for these photos). The default C=500 is
+the longer side of most ImageNet photos (500x375, 500x333, 375x500: Flickr's
+500-px size), so those always fit; only larger photos (not counted here:
+surveys of the train set find them up to 2592x3888) can need a shrink, when
+their boxes span more than 500 px (e.g. for 800x600 photos 93% of MoCo's box
+pairs and 46% of the linear probe's single boxes, by draw_boxes). Bytes per
+example to the device: C*C*3 + 16*num = 750,032 at C=500 with two views,
+against 301,056 for two 224x224 host views (2.5x; 5x for the linear probe's
+one view).
 
 Randomness: the boxes of an example come from NumPy's Philox seeded with
 (seed, epoch, record index) only, so a restored pipeline position yields the

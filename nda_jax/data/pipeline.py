@@ -155,16 +155,19 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, global_batch_size: int,
                        "--config.data.crops=device.")
     dataset = grain.MapDataset.range(start, start + per_process)
   dataset = dataset.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
+  workers = _worker_count(cfg)
+  read = grain.ReadOptions(num_threads=cfg.get("read_threads", 1), prefetch_buffer_size=2)
   if canvas is not None:   # whole batches decoded into one array: no per-image canvas to stack
-    dataset = (dataset.map_with_index(_positioned).batch(batch_size, drop_remainder=True)
-               .map(_CanvasBatch(source, spec, seed, per_process, canvas)))
+    dataset = dataset.map_with_index(_positioned).batch(batch_size, drop_remainder=True)
+    decode = _CanvasBatch(source, spec, seed, per_process, canvas, shared=workers > 0)
+    # Worker processes decode in their own loop, straight into the shared memory that
+    # carries the batch to this process (else grain copies it there).
+    dataset = (dataset.to_iter_dataset(read).map(decode) if workers
+               else dataset.map(decode).to_iter_dataset(read))
   else:
     if spec is not None:
       dataset = dataset.map_with_index(_HostViews(source, spec, seed, per_process))
-    dataset = dataset.batch(batch_size, drop_remainder=True)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 1),
-                                                      prefetch_buffer_size=2))
-  workers = _worker_count(cfg)
+    dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(read)
   if workers:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   if canvas is not None:
@@ -231,22 +234,30 @@ def _positioned(position: int, index: int) -> np.ndarray:
 
 class _CanvasBatch:
   """[b, 2] (position in the stream, record index) -> the batch's photos in canvases, their
-  boxes in that epoch and labels."""
+  boxes in that epoch and labels; `shared`: the canvases in grain's shared memory (a worker
+  process's output, unlinked by the process that receives it)."""
 
   def __init__(self, source: sources.ImageFolderSource, spec: crops.ViewSpec, seed: int,
-               per_epoch: int, canvas: int):
+               per_epoch: int, canvas: int, shared: bool = False):
     self._source, self._spec, self._seed, self._per_epoch = source, spec, seed, per_epoch
-    self._canvas = canvas
+    self._canvas, self._shared = canvas, shared
 
   def __call__(self, records: np.ndarray) -> Batch:
     n, c = len(records), self._canvas
-    batch = {"image": np.zeros((n, c, c, 3), np.uint8),
-             "boxes": np.empty((n, self._spec.num, 4), np.float32),
+    shape = (n, c, c, 3)
+    images = (grain.multiprocessing.SharedMemoryArray(shape, np.uint8) if self._shared
+              else np.zeros(shape, np.uint8))   # both start as zeros
+    batch = {"image": images, "boxes": np.empty((n, self._spec.num, 4), np.float32),
              "label": np.empty(n, np.int32)}
-    for j, (position, index) in enumerate(records):
-      rng = crops.example_rng(self._seed, position // self._per_epoch, index)
-      batch["boxes"][j], batch["label"][j] = self._source.canvas(
-          int(index), self._spec, rng, batch["image"][j])
+    try:
+      for j, (position, index) in enumerate(records):
+        rng = crops.example_rng(self._seed, position // self._per_epoch, index)
+        batch["boxes"][j], batch["label"][j] = self._source.canvas(
+            int(index), self._spec, rng, images[j])
+    except BaseException:
+      if self._shared:
+        images.unlink_on_del()   # nobody receives it
+      raise
     return batch
 
 
