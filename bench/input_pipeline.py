@@ -186,8 +186,9 @@ def main(argv):
         f"{224 * 224 * 3:,} (linear)")
   for canvas in canvases:
     print(f"canvas {canvas}: {np.mean(sizes.max(axis=1) > canvas):.0%} of the photos larger "
-          f"(shrunk on the host); {canvas * canvas * 3 + 16 * moco_views:,} bytes per image "
-          f"(moco), {canvas * canvas * 3 + 16:,} (linear)")
+          "(shrunk on the host when their boxes span more than the canvas); "
+          f"{canvas * canvas * 3 + 16 * moco_views:,} bytes per image (moco), "
+          f"{canvas * canvas * 3 + 16:,} (linear)")
 
   def timed(fn):
     def run():
