@@ -23,7 +23,17 @@ import ml_collections
 # torchvision's ImageNet normalisation, which MoCo's encoders (and imported weights) expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_NORMS = ("imagenet", "none")
+# MoCo's CIFAR-10 demo (colab/moco_cifar10_demo.ipynb) normalises with these.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+# CIFAR-100's per-channel mean/std, as CIFAR-100 training scripts commonly normalise.
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# model.input_norm -> (mean, std) of [0, 1] images; 'none' keeps [-1, 1].
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+               "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+               "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+               "none": None}
 
 
 def to_float(images_u8: jax.Array) -> jax.Array:
@@ -32,15 +42,17 @@ def to_float(images_u8: jax.Array) -> jax.Array:
 
 
 def normalize_input(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
-  """[-1, 1] images -> what the encoder sees ('imagenet': torchvision's mean/std)."""
-  if config.model.input_norm == "imagenet":
-    mean = jnp.asarray(IMAGENET_MEAN[:images.shape[-1]], jnp.float32)
-    std = jnp.asarray(IMAGENET_STD[:images.shape[-1]], jnp.float32)
-    return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
-  if config.model.input_norm == "none":
+  """[-1, 1] images -> what the encoder sees (torchvision's Normalize(mean, std) of [0, 1]
+  images, INPUT_NORMS; 'none': unchanged)."""
+  if config.model.input_norm not in INPUT_NORMS:
+    raise ValueError(f"config.model.input_norm={config.model.input_norm!r}; "
+                     f"valid choices: {tuple(INPUT_NORMS)}")
+  stats = INPUT_NORMS[config.model.input_norm]
+  if stats is None:
     return images
-  raise ValueError(f"config.model.input_norm={config.model.input_norm!r}; "
-                   f"valid choices: {INPUT_NORMS}")
+  mean = jnp.asarray(stats[0][:images.shape[-1]], jnp.float32)
+  std = jnp.asarray(stats[1][:images.shape[-1]], jnp.float32)
+  return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
 
 
 def center_crop(images: jax.Array, size: int) -> jax.Array:

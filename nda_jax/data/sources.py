@@ -246,7 +246,7 @@ def _video_frames(name):
         frame_stride=cfg.get("frame_stride", 1), split_number=cfg.get("split_number", 1),
         splits_dir=cfg.get("splits_dir"), resize_size=cfg.get("resize_size"),
         clips_per_video=cfg.get("clips_per_video", 1), clip_seed=cfg.get("clip_seed", 0),
-        val_fraction=cfg.get("val_fraction", 0.0))
+        val_fraction=cfg.get("val_fraction", 0.0), frame_width=cfg.get("frame_width"))
   return factory
 
 

@@ -57,6 +57,7 @@ from nda_jax.trainers import method as method_lib
 PyTree = Any
 
 NDA_SOURCES = ("query_view", "image")
+MONITOR_FEATURES = ("backbone", "head")   # what embed_fn gives the kNN monitor
 
 
 @flax.struct.dataclass
@@ -77,7 +78,8 @@ class MoCoState:
 def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
   m = config.model
   return resnet.build_encoder(m.arch, stem=m.stem, width=m.width, head_dim=m.head_dim,
-                              dtype=method_lib.compute_dtype(config), conv_impl=m.conv_impl)
+                              mlp_head=m.mlp_head, dtype=method_lib.compute_dtype(config),
+                              conv_impl=m.conv_impl)
 
 
 def host_crops(config: ml_collections.ConfigDict) -> bool:
@@ -164,6 +166,9 @@ class MoCo(method_lib.Method):
       raise ValueError(f"config.moco.momentum={c.moco.momentum} must be in [0, 1)")
     if c.moco.temperature <= 0:
       raise ValueError(f"config.moco.temperature={c.moco.temperature} must be > 0")
+    if c.moco.monitor_features not in MONITOR_FEATURES:
+      raise ValueError(f"config.moco.monitor_features={c.moco.monitor_features!r}; valid "
+                       f"choices: {MONITOR_FEATURES}")
     if b % c.model.bn_group_size or b // c.model.bn_group_size < 3:
       raise ValueError(f"config.model.bn_group_size={c.model.bn_group_size} must divide the "
                        f"batch {b} into at least 3 BN groups (keys are normalised in groups "
@@ -341,10 +346,11 @@ class MoCo(method_lib.Method):
 
   # ---------------------------------------------------------------- evaluation
   def make_eval_fns(self, dp: parallel.DataParallel) -> dict[str, Callable[..., Any]]:
-    """embed_fn(state, uint8 images): pooled backbone features of the query encoder
-    in inference mode (running BN averages), sharded over the mesh; with the online
-    probe, classify_fn(state, uint8 images): its logits on those features."""
-    fns = {"embed_fn": make_embedder(self.config, dp)}
+    """embed_fn(state, uint8 images): the kNN monitor's features of the query encoder
+    (config.moco.monitor_features) in inference mode (running BN averages), sharded
+    over the mesh; with the online probe, classify_fn(state, uint8 images): its
+    logits on the pooled backbone features."""
+    fns = {"embed_fn": make_embedder(self.config, dp, self.config.moco.monitor_features)}
     if probe_enabled(self.config):
       embed = make_embedder(self.config)
       fns["classify_fn"] = dp.map_over_batch(
@@ -352,9 +358,10 @@ class MoCo(method_lib.Method):
     return fns
 
 
-def make_embedder(config: ml_collections.ConfigDict,
-                  dp: parallel.DataParallel | None = None) -> Callable[..., jax.Array]:
-  """`embed(state_or_variables, uint8 images) -> [B, F]` backbone features (before the head).
+def make_embedder(config: ml_collections.ConfigDict, dp: parallel.DataParallel | None = None,
+                  features: str = "backbone") -> Callable[..., jax.Array]:
+  """`embed(state_or_variables, uint8 images) -> [B, F]`: the pooled backbone features
+  ('backbone') or the head's projection ('head', what MoCo's CIFAR demo monitors).
 
   Takes a MoCoState (query encoder) or {'params', 'batch_stats'} of a MocoEncoder.
   """
@@ -367,7 +374,7 @@ def make_embedder(config: ml_collections.ConfigDict,
       variables = state
     x = images_lib.normalize_input(config, images_lib.center_crop(images_lib.to_float(images_u8),
                                                                  config.aug.crop_size))
-    features, _ = encoder.apply(variables, x, train=False)
-    return features
+    pooled, projection = encoder.apply(variables, x, train=False)
+    return pooled if features == "backbone" else projection
 
   return jax.jit(embed) if dp is None else dp.map_over_batch(embed)
