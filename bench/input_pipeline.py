@@ -20,7 +20,8 @@ measurements repeat by repeat (median kept), images per second of:
                   data.crops='host' (views of 224 resized on the host) and
                   data.crops='canvas' (the decoded photo in a canvas of each
                   --canvas_sizes with its boxes, resized on device: not timed
-                  here; photos larger than the canvas are shrunk on the host),
+                  here; box rectangles larger than the canvas are shrunk on
+                  the host),
                   each with 0 worker processes (one read thread in the main
                   process) and with each of --workers; and imagenet_moco with
                   data.crops='device' (decode at 256, centre 256x256: the

@@ -16,9 +16,9 @@ Random crops (`cfg.crops`): 'device' (the default) leaves them to the
 trainer, which crops the decoded example; 'host' (image folders) makes
 `cfg.views` = {num, size, scale, ratio} RandomResizedCrops of the original
 image per training example (crops.py), uint8 [num, size, size, 3]; 'canvas'
-(image folders) ships the decoded photo in a uint8 [C, C, 3] canvas
-(C = `cfg.canvas_size`) with the views' boxes, 'boxes' float32 [num, 4], and
-the trainer resizes them on device. Boxes are drawn from (seed, epoch, record
+(image folders) ships the decoded photo (the part holding the views' boxes)
+in a uint8 [C, C, 3] canvas (C = `cfg.canvas_size`) with the boxes, 'boxes'
+float32 [num, 4], and the trainer resizes them on device. Boxes are drawn from (seed, epoch, record
 index), so a restored position and any worker count give the same views.
 Eval splits are decoded as always.
 
