@@ -5,9 +5,8 @@ r"""MoCo-v2 step speed, with and without NDA negatives: img/s and FLOP utilisati
 A case is an encoder at an input size: r18_32 is ResNet-18 with the CIFAR stem
 on 32x32 images (MoCo's CIFAR demo, K=4096), r50_224 is ResNet-50 with the
 ImageNet stem on 224x224 crops of 256x256 images (main_moco.py, K=65536), both
-with MoCo-v2's MLP head. One step = the rest of aug+ (jitter, grey, blur, flip)
-on device, applied to the two uint8 crops the host pipeline ships
-(configs/common.py's data.crops='host'), the momentum update, the key encoder's forward, the query encoder's
+with MoCo-v2's MLP head. One step = two aug+ views made on device from uint8
+images, the momentum update, the key encoder's forward, the query encoder's
 forward and backward, SGD, the enqueue; with NDA (configs/common.py's
 default: jigsaw of the query view, 'own' scope) one more key-encoder forward
 on the NDA views. The step runs on every device present (shard_map);
@@ -61,12 +60,9 @@ def make_config(case: str, batch: int, nda: bool,
 def make_runner(case: str, batch: int, nda: bool) -> timing.StepRunner:
   """The variant's step on random uint8 images, with its FLOPs counted (see above)."""
   config = make_config(case, batch, nda)
-  if moco.host_crops(config):   # the recipe's two crops, made by the host pipeline
-    shape = (batch, config.data.views.num, config.aug.crop_size, config.aug.crop_size)
-  else:
-    shape = (batch, config.data.image_size, config.data.image_size)
+  size = config.data.image_size
   host = {"image": np.random.RandomState(0).randint(
-      0, 256, shape + (config.data.channels,)).astype(np.uint8)}
+      0, 256, (batch, size, size, config.data.channels)).astype(np.uint8)}
   counted = moco.MoCo(make_config(case, batch, nda, conv_impl="xla"))
   return timing.StepRunner(moco.MoCo(config), host, flops_method=counted)
 
