@@ -75,14 +75,17 @@ def data_config(name: str, image_size: int, num_classes: int, channels: int = 3
 
 
 def host_views(c: ml_collections.ConfigDict, num: int, size, scale) -> None:
-  """Training crops made on the host from the original photos (data/crops.py).
+  """Training crops from the original photos (data/crops.py), as the reference recipes crop.
 
-  `c.data.crops = 'host'`: `num` torchvision RandomResizedCrops of each
-  original image, as the reference recipes crop; `'device'` would crop the
-  decoded image_size square in the train step instead. `size` and `scale`
-  may be FieldReferences of the aug section, so one override sets both.
+  `num` torchvision RandomResizedCrops of each original image: `c.data.crops
+  = 'canvas'` ships the decoded photo in a canvas_size square with the boxes
+  and the train step resizes them (the host only decodes: bench/input_pipeline.py);
+  `'host'` resizes them on the host; `'device'` would crop the decoded
+  image_size square in the train step instead. `size` and `scale` may be
+  FieldReferences of the aug section, so one override sets both.
   """
-  c.data.crops = "host"
+  c.data.crops = "canvas"
+  c.data.canvas_size = 500              # the longer side of most ImageNet photos (crops.py)
   c.data.views = ml_collections.ConfigDict()
   c.data.views.num = num
   c.data.views.size = size

@@ -96,6 +96,9 @@ CASES = [
     ("moco_negative_nda_weight", ("nda_jax.main", "--config=configs/demo_moco.py:tiny",
                                   "--workdir={T}/moco", "--config.nda.weight=-1"),
      "config.nda.weight=-1"),
+    ("canvas_smaller_than_the_view", ("nda_jax.main", "--config=configs/imagenet_moco.py",
+                                      "--workdir={T}/in_moco", "--config.data.canvas_size=100"),
+     "must be an integer of at least the view size config.data.views.size=224"),
     # Data, and a workdir that does not fit the config.
     ("missing_dataset", MAIN + ("--config.data.name=cifar100", "--config.data.image_size=32",
                                 "--config.data.num_classes=100", "--config.data.data_dir={N}"),

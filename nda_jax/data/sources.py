@@ -102,6 +102,12 @@ class ImageFolderSource:
     return {"image": crops.decode_views(self._paths[index], spec, rng),
             "label": self._labels[index]}
 
+  def canvas(self, index: int, spec: crops.ViewSpec, rng: np.random.Generator,
+             out: np.ndarray) -> tuple[np.ndarray, np.int32]:
+    """Example `index`'s photo written into the zero canvas `out` [C, C, 3]; its
+    `spec.num` boxes in canvas pixels and its label (crops.py)."""
+    return crops.decode_canvas(self._paths[index], spec, rng, out), self._labels[index]
+
   def __repr__(self) -> str:
     return f"ImageFolderSource({self._desc}, n={len(self)})"
 

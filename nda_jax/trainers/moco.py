@@ -5,9 +5,10 @@ MoCo-v2 (He et al. 2020, Chen et al. 2020; facebookresearch/moco
 not change: a query encoder trained by SGD, a key encoder that is its
 momentum copy (updated before the keys are computed), InfoNCE against a queue
 of K past keys, two aug+ views per image. `data.crops` says where the views'
-RandomResizedCrops are made: 'device' (from the decoded image, in the step)
-or 'host' (from the original photo, data/crops.py: batches of uint8
-[B, 2, S, S, C], and the step does the rest of aug+).
+RandomResizedCrops are made: 'device' (from the decoded image, in the step),
+'host' (from the original photo, data/crops.py: batches of uint8
+[B, 2, S, S, C]) or 'canvas' (boxes of the original photo drawn on the host,
+resized in the step: `step_images`); the step does the rest of aug+.
 
 NDA (Sinha et al. 2021, section 4): an NDA of each query's view (or of the
 image, before its augmentation) is encoded by the KEY encoder in its own
@@ -82,9 +83,20 @@ def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
 
 
 def host_crops(config: ml_collections.ConfigDict) -> bool:
-  """Whether the data pipeline makes the training crops (config.data.crops='host');
-  ValueError naming the key for another value or bad config.data.views."""
+  """Whether the training crops are cut from the original photo (config.data.crops='host'
+  or 'canvas'); ValueError naming the key for another value or bad config.data.views."""
+  pipeline.canvas_size(config.data)
   return pipeline.view_spec(config.data) is not None
+
+
+def step_images(config: ml_collections.ConfigDict) -> Callable[[dict], jax.Array]:
+  """batch -> the step's float images in [-1, 1]: for crops='canvas' the views
+  [B, num, S, S, C] resized on device from the canvas and its boxes, else the batch's images."""
+  if pipeline.canvas_size(config.data) is None:
+    return lambda batch: images_lib.to_float(batch["image"])
+  size = int(config.data.views.size)
+  return lambda batch: images_lib.to_float(
+      images_lib.resized_crops(batch["image"], batch["boxes"], size))
 
 
 def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
@@ -97,7 +109,7 @@ def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
   if got is not None:
     got = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()}
   if got != want:
-    raise ValueError(f"config.data.crops='host' makes the training crops from "
+    raise ValueError(f"config.data.crops={config.data.crops!r} makes the training crops from "
                      f"config.data.views={got}, but this recipe takes {want} (aug.crop_size, "
                      f"aug.scale, torchvision's ratio): set config.data.views to match")
 
@@ -177,8 +189,9 @@ class MoCo(method_lib.Method):
       check_host_views(c, num=2, size=c.aug.crop_size, scale=c.aug.scale)
       if c.nda.enabled and c.nda.source == "image":
         raise ValueError("config.nda.source='image' applies the NDA to the image before its "
-                         "crop, which config.data.crops='host' makes on the host: use "
-                         "--config.data.crops=device or --config.nda.source=query_view")
+                         f"crop, which config.data.crops={c.data.crops!r} cuts from the "
+                         "original photo: use --config.data.crops=device or "
+                         "--config.nda.source=query_view")
     images_lib.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     build_encoder(c)
     if probe_enabled(c):
@@ -228,10 +241,11 @@ class MoCo(method_lib.Method):
               if c.nda.enabled else None)
     infonce = make_infonce(c)
     on_host, enqueue_nda = host_crops(c), c.nda.enabled and c.nda.enqueue
+    images_of = step_images(c)
     global_batch, group_size = c.train.batch_size, c.model.bn_group_size
 
     def step(state: MoCoState, batch: dict) -> tuple[MoCoState, dict]:
-      images = images_lib.to_float(batch["image"])
+      images = images_of(batch)
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
       key_groups = lambda salt: batch_norm.key_groups(jax.random.fold_in(key, salt), b,
@@ -341,7 +355,8 @@ def make_infonce(config: ml_collections.ConfigDict) -> Callable[..., tuple]:
 
 def two_views(augment: Callable, key: jax.Array, images: jax.Array,
               on_host: bool) -> tuple[jax.Array, jax.Array]:
-  """(query view, key view) of each image; host crops [b, 2, S, S, C] get the rest of aug+."""
+  """(query view, key view) of each image; views cut on the host ([b, 2, S, S, C], crops or
+  canvas boxes) get the rest of aug+."""
   if on_host:
     return (augment(jax.random.fold_in(key, 0), images[:, 0], crop=False),
             augment(jax.random.fold_in(key, 1), images[:, 1], crop=False))
