@@ -52,6 +52,7 @@ from ml_collections import config_flags
 from nda_jax import cli
 from nda_jax import config_lib
 from nda_jax import evaluators as evaluators_lib
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import workdir as workdir_lib
 from nda_jax.evaluators import anomaly
@@ -212,12 +213,11 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
 def write_result(workdir: str, result: Mapping[str, Any], out: str | None = None) -> str:
   """eval.json plus `eval/<metric>` records at the checkpoint's step in eval_metrics.jsonl and
   TensorBoard (process 0 only)."""
-  from nda_jax.trainers import common  # pylint: disable=g-import-not-at-top
   path = workdir_lib.path(out or workdir_lib.path(workdir) / "eval.json")
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-  writer = common.MetricWriter(workdir, METRICS_FILE, TENSORBOARD_DIR)
+  writer = logs.MetricWriter(workdir, METRICS_FILE, TENSORBOARD_DIR)
   try:
     writer.write(result["step"], {TB_PREFIX + k: v for k, v in result["metrics"].items()})
   finally:

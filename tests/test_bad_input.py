@@ -21,9 +21,9 @@ from PIL import Image
 import pytest
 
 from nda_jax import config_lib
+from nda_jax import logs
 from nda_jax import trainers
 from nda_jax.data import pipeline
-from nda_jax.trainers import common
 from nda_jax.trainers import gan
 import snapshot
 from test_gan_trainer import tiny_config
@@ -236,7 +236,7 @@ def _make_run(workdir, step=2):
   finally:
     checkpointer.close()
     data_iter.close()
-  writer = common.MetricWriter(workdir)
+  writer = logs.MetricWriter(workdir)
   writer.write(step, {"d_loss": 1.0, "g_loss": 1.0})
   writer.close()
 
@@ -353,11 +353,11 @@ def test_cut_off_metrics_line_is_dropped_before_appending(tmp_path):
   """A run killed mid-write left half a record; the next writer starts on a new line."""
   path = tmp_path / "metrics.jsonl"
   path.write_text("\n".join(_RECORDS) + '\n{"step": 3, "d_lo')
-  writer = common.MetricWriter(str(tmp_path))
+  writer = logs.MetricWriter(str(tmp_path))
   writer.write(4, {"d_loss": 0.25})
   writer.close()
   assert path.read_text().splitlines() == _RECORDS + ['{"step": 4, "d_loss": 0.25}']
-  assert [r["step"] for r in common.read_metrics(str(tmp_path))] == [1, 2, 4]
+  assert [r["step"] for r in logs.read_metrics(str(tmp_path))] == [1, 2, 4]
 
 
 def test_plot_skips_a_bad_line_naming_it(tmp_path):
@@ -378,8 +378,8 @@ def test_plot_skips_a_bad_line_naming_it(tmp_path):
 
 _TB_ON_A_FULL_DISK = """
 import os, sys, time
-from nda_jax.trainers import common
-writer = common.MetricWriter(sys.argv[1])
+from nda_jax import logs
+writer = logs.MetricWriter(sys.argv[1])
 for step in range(20):   # ~1.3 KB of events: tensorboardX's thread holds them in its 8 KB buffer
   writer.write(step, {"loss": 1.0})
 time.sleep(2.0)          # (its queue drained into the buffer)
@@ -396,10 +396,10 @@ print("closed")
 
 _TB_FULL_MID_RUN = """
 import os, sys, time
-from nda_jax.trainers import common
+from nda_jax import logs
 run, disk = sys.argv[1], sys.argv[2]
 os.symlink(disk, run + "/tensorboard")   # The events on a small disk, metrics.jsonl not.
-writer = common.MetricWriter(run)
+writer = logs.MetricWriter(run)
 for step in range(20):
   writer.write(step, {"loss": 1.0})
 time.sleep(2.0)

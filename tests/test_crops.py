@@ -26,7 +26,7 @@ from nda_jax.augment import positive
 from nda_jax.data import crops
 from nda_jax.data import pipeline
 from nda_jax.importers import save
-from nda_jax.trainers import common
+from nda_jax import logs
 from nda_jax.trainers import linear_probe
 from nda_jax.trainers import loop
 from nda_jax.trainers import moco
@@ -335,7 +335,7 @@ def test_linear_probe_trains_on_host_views(tmp_path, monkeypatch, where, shape):
   seen = step_spy.record_batches(monkeypatch, linear_probe.LinearProbe)
   loop.train_and_evaluate(c, str(tmp_path / "probe"))
   assert seen and all(s == (np.uint8, (16 // 8, *shape)) for s in seen), seen
-  records = common.read_metrics(str(tmp_path / "probe"))
+  records = logs.read_metrics(str(tmp_path / "probe"))
   assert [r["step"] for r in records if "loss" in r] == [1]
   c.data.views.size = 24
   with pytest.raises(ValueError, match="config.data.views="):
@@ -522,7 +522,7 @@ def test_moco_trains_on_a_canvas(tmp_path, monkeypatch):
   seen = step_spy.record_batches(monkeypatch, moco.MoCo)
   loop.train_and_evaluate(c, str(tmp_path / "moco"))
   assert seen and all(s == (np.uint8, (c.train.batch_size // 8, 64, 64, 3)) for s in seen), seen
-  records = common.read_metrics(str(tmp_path / "moco"))
+  records = logs.read_metrics(str(tmp_path / "moco"))
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 1 and np.isfinite(losses[0])
   c.data.canvas_size = 8

@@ -17,10 +17,10 @@ import pytest
 
 import notebook_runs
 from nda_jax import eval as eval_lib
+from nda_jax import logs
 from nda_jax import sample as sample_lib
 from nda_jax import trainers
 from nda_jax import visualize
-from nda_jax.trainers import common
 from nda_jax.trainers import gan
 from nda_jax.trainers import loop
 
@@ -59,7 +59,7 @@ def best_run(tmp_path_factory, env):
   del env
   workdir = str(tmp_path_factory.mktemp("demo_best"))
   loop.train_and_evaluate(demo_config(), workdir)
-  scores = {r["step"]: r["fd_digits"] for r in common.read_metrics(workdir) if "fd_digits" in r}
+  scores = {r["step"]: r["fd_digits"] for r in logs.read_metrics(workdir) if "fd_digits" in r}
   assert sorted(scores) == list(range(2, STEPS + 1, 2)), scores
   best = min(scores, key=lambda s: (scores[s], -s))        # Ties: the later step.
   # The test's premise: the metric goes up and down, and the best is not the latest.
@@ -94,7 +94,7 @@ def test_eval_best_reproduces_the_logged_fd_digits(best_run, env):
   assert (result["step"], result["checkpoint"]) == (best, "best")
   # The same evaluator on the same state as training ran it at that step.
   assert result["metrics"]["fd_digits"] == pytest.approx(scores[best], rel=1e-4)
-  records = common.read_metrics(workdir, eval_lib.METRICS_FILE)
+  records = logs.read_metrics(workdir, eval_lib.METRICS_FILE)
   assert [r["step"] for r in records] == [best]
 
 

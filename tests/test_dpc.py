@@ -15,13 +15,13 @@ import pytest
 
 from configs import demo_video
 from nda_jax import images as images_lib
+from nda_jax import logs
 from nda_jax import losses
 from nda_jax import optim
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import sources
 from nda_jax.models import dpc as dpc_model
-from nda_jax.trainers import common
 from nda_jax.trainers import dpc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,7 +206,7 @@ def test_main_trains_checkpoints_and_resumes_exactly(tmp_path):
   _main(split, "--config.train.total_steps=2")
   log = _main(split)
   assert "resumed from step 2" in log
-  records = common.read_metrics(str(split))
+  records = logs.read_metrics(str(split))
   steps = [r["step"] for r in records if "loss" in r]
   assert steps == [1, 2, 3, 4]                 # the second run started at step 3
   assert all(np.isfinite(r["loss"]) and r["img_per_sec"] > 0 for r in records if "loss" in r)

@@ -21,11 +21,11 @@ from nda_jax import cli
 from nda_jax import config_lib
 from nda_jax import eval as eval_lib
 from nda_jax import evaluators
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.tools import plot as plot_tool
 from nda_jax.tools import sample_sheets
-from nda_jax.trainers import common
 from nda_jax.trainers import gan
 from nda_jax.trainers import loop
 
@@ -111,9 +111,9 @@ def test_eval_cli_writes_metrics(demo_run, classifier_cache):
   assert {r["set"] for r in table["rows"]} == {k.split("/", 1)[1] for k in aurocs}
   assert {r["n_ood"] for r in table["rows"]} == {max_examples}
   # Its own record and TensorBoard folder at the checkpoint's step; the run's log untouched.
-  last = common.read_metrics(demo_run, eval_lib.METRICS_FILE)[-1]
+  last = logs.read_metrics(demo_run, eval_lib.METRICS_FILE)[-1]
   assert last == {"step": STEPS, **{"eval/" + k: v for k, v in metrics.items()}}
-  assert not any("eval/" + k in r for r in common.read_metrics(demo_run) for k in metrics)
+  assert not any("eval/" + k in r for r in logs.read_metrics(demo_run) for k in metrics)
   assert os.listdir(os.path.join(demo_run, "tensorboard", "eval"))
   assert "fd_digits" in proc.stdout and "anomaly/nda/jigsaw" in proc.stdout
 
@@ -149,7 +149,7 @@ def test_eval_add_runs_a_registered_evaluator_the_run_lacks(run_without_anomaly,
   with open(os.path.join(workdir, "anomaly", "anomaly.json")) as f:
     rows = {r["set"]: r for r in json.load(f)["rows"]}
   assert {k: rows[k.split("/", 1)[1]]["auroc"] for k in result["metrics"]} == result["metrics"]
-  assert common.read_metrics(workdir, eval_lib.METRICS_FILE)[-1] == {
+  assert logs.read_metrics(workdir, eval_lib.METRICS_FILE)[-1] == {
       "step": STEPS, **{"eval/" + k: v for k, v in result["metrics"].items()}}
   with open(os.path.join(workdir, "config.json"), "rb") as f:
     assert f.read() == config_bytes                  # the run's config is not changed
@@ -434,7 +434,7 @@ def test_sample_truncation_flag(demo_run, tmp_path):
 
 # ------------------------------------------------------------------ plot tool
 def test_plot_panels_follow_the_metrics(demo_run, tmp_path):
-  records = common.read_metrics(demo_run)
+  records = logs.read_metrics(demo_run)
   present = {k for r in records for k in r}
   expected = [t for t, keys in plot_tool.PANELS.items() if present & set(keys)]
   assert "sample quality" not in expected      # The tiny run does not evaluate.

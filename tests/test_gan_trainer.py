@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from nda_jax import checkpoint as ckpt_lib
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import trainers
-from nda_jax.trainers import common
 from nda_jax.trainers import gan
 from nda_jax.trainers import loop
 
@@ -204,7 +204,7 @@ def test_resume_is_exact(tmp_path):
   assert ckpt_lib.Checkpointer(split_dir).latest_step() == 2
   loop.train_and_evaluate(straight, split_dir)
   # The second run started at step 3 (it resumed), logging every step.
-  assert [r["step"] for r in common.read_metrics(split_dir)] == [1, 2, 3, 4]
+  assert [r["step"] for r in logs.read_metrics(split_dir)] == [1, 2, 3, 4]
   a = trainers.load_run(str(tmp_path / "straight"), config=straight)[2]
   b = trainers.load_run(split_dir, config=straight)[2]
   assert int(a.step) == int(b.step) == 4

@@ -18,9 +18,9 @@ import notebook_runs
 import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import eval as eval_lib
+from nda_jax import logs
 from nda_jax import trainers
 from nda_jax import workdir_lock
-from nda_jax.trainers import common
 
 trainers.REGISTRY["toy"] = "toy_method:Toy"
 
@@ -42,7 +42,7 @@ def _objects(workdir):
 
 
 def _losses(workdir):
-  return {r["step"]: r["loss"] for r in common.read_metrics(workdir) if "loss" in r}
+  return {r["step"]: r["loss"] for r in logs.read_metrics(workdir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def straight(gcs_bucket):
 
 
 def test_trains_on_bucket(straight):
-  steps = [r["step"] for r in common.read_metrics(straight) if "loss" in r]
+  steps = [r["step"] for r in logs.read_metrics(straight) if "loss" in r]
   assert steps == list(range(1, 13))
   assert (epath.Path(straight) / "checkpoints" / "12").exists()
 
@@ -96,7 +96,7 @@ def best_run(gcs_bucket):
   workdir = f"{gcs_bucket}/runs/best"
   rc, out = _main(workdir, *KNN)
   assert rc == 0, out[-3000:]
-  scores = {r["step"]: r["knn_top1"] for r in common.read_metrics(workdir) if "knn_top1" in r}
+  scores = {r["step"]: r["knn_top1"] for r in logs.read_metrics(workdir) if "knn_top1" in r}
   assert sorted(scores) == list(range(2, 13, 2)), scores
   best = min(scores, key=lambda s: (scores[s], -s))     # Ties: the later step.
   assert best < 12, scores   # The test's premise: the best is not the latest.
@@ -132,7 +132,7 @@ def test_eval_on_bucket_writes_its_own_records(best_run):
   added = sorted(k[len(prefix):] for k in set(after) - set(before))
   assert added[:2] == ["eval.json", eval_lib.METRICS_FILE], added
   assert all(k.startswith(eval_lib.TENSORBOARD_DIR + "/") for k in added[2:]) and added[2:]
-  records = common.read_metrics(workdir, eval_lib.METRICS_FILE)
+  records = logs.read_metrics(workdir, eval_lib.METRICS_FILE)
   assert [r["step"] for r in records] == [best]
   assert records[0]["eval/knn_top1"] == pytest.approx(scores[best], abs=1e-6)
   assert json.loads((epath.Path(workdir) / "eval.json").read_text())["step"] == best
@@ -189,14 +189,14 @@ def test_bucket_lock_refuses_a_second_run_and_a_dead_runs_lock_is_taken_over(gcs
 _TB_BUCKET_GONE = """
 import os, sys, time
 import gcs_server
-from nda_jax.trainers import common
-common.TB_CLOSE_TIMEOUT_S = 3.0
+from nda_jax import logs
+logs.TB_CLOSE_TIMEOUT_S = 3.0
 with gcs_server.serve() as url:
   os.environ.update(gcs_server.env_for(url))
-  closed = common.MetricWriter(f"gs://{gcs_server.BUCKET}/closed")   # Closed in time...
+  closed = logs.MetricWriter(f"gs://{gcs_server.BUCKET}/closed")   # Closed in time...
   closed.write(0, {"loss": 1.0})
   closed.close()
-  writer = common.MetricWriter(f"gs://{gcs_server.BUCKET}/gone")
+  writer = logs.MetricWriter(f"gs://{gcs_server.BUCKET}/gone")
   for step in range(5):
     writer.write(step, {"loss": 1.0})
   time.sleep(2.0)
@@ -242,7 +242,7 @@ def gan_run(gcs_bucket):
   config_lib.write_config(config, workdir)
   method = gan.GAN(config)
   checkpointer = trainers.checkpointer(config, workdir)
-  writer = common.MetricWriter(workdir)
+  writer = logs.MetricWriter(workdir)
   try:
     for seed, (step, fd) in enumerate([(2, 5.0), (4, 9.0), (6, 7.0)]):
       state = method.init_state(jax.random.PRNGKey(seed))

@@ -19,12 +19,12 @@ import pytest
 from configs import demo_linear
 from configs import demo_moco
 from nda_jax import images as images_lib
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import digits
 from nda_jax.evaluators import classification
 from nda_jax.importers import save
-from nda_jax.trainers import common
 from nda_jax.trainers import linear_probe
 from nda_jax.trainers import loop
 from nda_jax.trainers import moco
@@ -156,7 +156,7 @@ def test_backbone_is_frozen_and_the_classifier_trains(moco_workdir, probe_run):
 
 
 def test_accuracy_is_logged_and_matches_the_classifier(moco_workdir, probe_run):
-  records = common.read_metrics(str(probe_run))
+  records = logs.read_metrics(str(probe_run))
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == [1, 2, 3]   # The second run resumed from step 2.
   lr = probe_config(moco_workdir, 3).optim.classifier.lr
@@ -236,7 +236,7 @@ def test_importer_cli_then_probe(tmp_path):
 
   probe = tmp_path / "probe"
   loop.train_and_evaluate(probe_config(imported, 1), str(probe))
-  assert "test_top1" in common.read_metrics(str(probe))[-1]
+  assert "test_top1" in logs.read_metrics(str(probe))[-1]
   _, method, state = trainers.load_run(str(probe))
   images = digits.load_digits("test", 20)[0][:16]   # Larger than the encoder's 16x16 crop.
   dp = parallel.DataParallel()

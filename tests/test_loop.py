@@ -18,9 +18,9 @@ import toy_method
 import toy_runs
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import evaluators
+from nda_jax import logs
 from nda_jax import trainers
 from nda_jax.data import pipeline
-from nda_jax.trainers import common
 from nda_jax.trainers import loop
 
 trainers.REGISTRY["toy"] = "toy_method:Toy"
@@ -57,12 +57,12 @@ def test_resume_is_exact_and_visible(straight_run, tmp_path):
   assert trainers.checkpointer(config(), str(tmp_path)).latest_step() == 2
   loop.train_and_evaluate(config(), str(tmp_path))
   # One record per step: the second run started at step 3, it did not start over.
-  assert [r["step"] for r in common.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in logs.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
   assert_same_state(straight_run, tmp_path, config())
 
 
 def test_the_loop_trains(straight_run):
-  records = common.read_metrics(str(straight_run))
+  records = logs.read_metrics(str(straight_run))
   assert records[-1]["loss"] < records[0]["loss"]
   assert all(r["img_per_sec"] > 0 for r in records)
 
@@ -134,7 +134,7 @@ def test_damaged_latest_checkpoint_falls_back(straight_run, tmp_path, damage):
     shutil.rmtree(step_dir / "data")
   loop.train_and_evaluate(config(), str(tmp_path))
   assert (tmp_path / ckpt_lib.DAMAGED_DIR / "4").exists()
-  steps = [r["step"] for r in common.read_metrics(str(tmp_path))]
+  steps = [r["step"] for r in logs.read_metrics(str(tmp_path))]
   assert steps == [1, 2, 3, 4, 5, 6]    # Resumed from step 2, the last good one: each step once.
   assert_same_state(straight_run, tmp_path, config())
 
@@ -151,7 +151,7 @@ def test_evaluators_run_at_their_cadence(tmp_path):
   c.evals.knn = evaluators.default_config("knn")
   c.evals.knn.update(every=3, k=5)
   loop.train_and_evaluate(c, str(tmp_path))
-  evaluated = {r["step"]: r["knn_top1"] for r in common.read_metrics(str(tmp_path))
+  evaluated = {r["step"]: r["knn_top1"] for r in logs.read_metrics(str(tmp_path))
                if "knn_top1" in r}
   assert sorted(evaluated) == [3, 6]
   assert all(0.1 < v <= 1.0 for v in evaluated.values())
@@ -184,7 +184,7 @@ def test_keep_best_keeps_the_best_step_across_a_resume(tmp_path, mode):
   half.checkpoint, half.evals = c.checkpoint, c.evals
   loop.train_and_evaluate(half, str(tmp_path))
   loop.train_and_evaluate(c, str(tmp_path))
-  records = common.read_metrics(str(tmp_path))
+  records = logs.read_metrics(str(tmp_path))
   assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))   # Resumed at 5.
   scores = {r["step"]: r["knn_top1"] for r in records if "knn_top1" in r}
   assert sorted(scores) == list(range(1, 9))
@@ -206,7 +206,7 @@ def test_a_missing_pipeline_file_is_damage_not_another_process_count(straight_ru
   (tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json").unlink()
   loop.train_and_evaluate(config(), str(tmp_path))
   assert (tmp_path / "checkpoints_damaged" / "4").is_dir()
-  assert [r["step"] for r in common.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in logs.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
   assert_same_state(straight_run, tmp_path, config())
 
 
@@ -290,7 +290,7 @@ def test_input_waits_throughput_and_device_hours_are_logged(tmp_path, monkeypatc
   with caplog.at_level(logging.WARNING):
     source, wall = _slow_run(monkeypatch, tmp_path, sleep_s, **{
         "train.total_steps": steps, "checkpoint.every": 1000})
-  records = {r["step"]: r for r in common.read_metrics(str(tmp_path))}
+  records = {r["step"]: r for r in logs.read_metrics(str(tmp_path))}
   assert sorted(records) == list(range(1, steps + 1))
   span = source.asked[steps - 1] - source.asked[1]         # Requests 2..steps-1.
   share = sum(source.waited[1:steps - 1]) / span
@@ -322,11 +322,11 @@ def test_device_hours_continue_across_a_resume(tmp_path, monkeypatch):
   devices = jax.device_count()
   _slow_run(monkeypatch, tmp_path, 0.3, **{"train.total_steps": 3, "checkpoint.every": 1000,
                                          "train.log_every": 2})
-  first = {r["step"]: r["device_hours"] for r in common.read_metrics(str(tmp_path))}
+  first = {r["step"]: r["device_hours"] for r in logs.read_metrics(str(tmp_path))}
   assert sorted(first) == [2, 3]         # Step 3 was logged because it was saved.
   assert first[3] * 3600 / devices >= 0.9
   source, wall = _slow_run(monkeypatch, tmp_path, 0.02, **{"checkpoint.every": 1000})
-  records = common.read_metrics(str(tmp_path))
+  records = logs.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [2, 3, 4, 5, 6]
   hours = [r["device_hours"] for r in records]
   assert hours[:2] == [first[2], first[3]]

@@ -26,10 +26,10 @@ import step_spy
 from configs import demo_moco
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import images as images_lib
+from nda_jax import logs
 from nda_jax import losses
 from nda_jax import parallel
 from nda_jax import trainers
-from nda_jax.trainers import common
 from nda_jax.trainers import loop
 from nda_jax.trainers import method as method_lib
 from nda_jax.trainers import moco
@@ -517,11 +517,11 @@ def test_main_trains_checkpoints_resumes_exactly_and_reports_knn(tmp_path, monke
   assert ckpt_lib.Checkpointer(str(split)).latest_step() == 4
   assert json.load(open(split / "config.json"))["trainer"] == "moco"
 
-  records = common.read_metrics(str(split))
+  records = logs.read_metrics(str(split))
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]   # restarted at 3
   knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
   assert [s for s, _ in knn] == [2, 4] and all(0 <= v <= 1 for _, v in knn), knn
-  straight_knn = [r["knn_top1"] for r in common.read_metrics(str(straight)) if "knn_top1" in r]
+  straight_knn = [r["knn_top1"] for r in logs.read_metrics(str(straight)) if "knn_top1" in r]
   assert straight_knn == [knn[-1][1]]
 
   a = trainers.load_run(str(straight), config=config(4))[2]

@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 
 from nda_jax import checkpoint as ckpt_lib
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import pipeline
-from nda_jax.trainers import common
 from nda_jax.trainers import loop
 from test_gan_trainer import assert_states_close
 from test_gan_trainer import tiny_config
@@ -60,7 +60,7 @@ def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signa
   `signal` to that process once process 0 has logged `step`.
   """
   port = _free_port()
-  procs, logs = [], []
+  procs, proc_logs = [], []
   log_dir = tempfile.mkdtemp()
   for i in range(num_processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -76,7 +76,7 @@ def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signa
         [sys.executable, *entry, f"--config={config_arg}",
          f"--workdir={workdir}", *flags], env=env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT, text=True))
-    logs.append(log)
+    proc_logs.append(log)
   deadline, failed_at = time.monotonic() + TIMEOUT_S, None
   while any(p.poll() is None for p in procs):
     now = time.monotonic()
@@ -94,7 +94,7 @@ def run_job(workdir, num_processes: int, devices_per_process: int, *flags, signa
       break
     time.sleep(0.5)
   outputs = []
-  for p, log in zip(procs, logs):
+  for p, log in zip(procs, proc_logs):
     p.wait()
     log.seek(0)
     outputs.append(log.read())
@@ -145,7 +145,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
   assert 2 <= stopped < total
   for out in outputs:
     assert f"stopping at step {stopped} after a signal" in out, out[-3000:]
-  assert [r["step"] for r in common.read_metrics(str(tmp_path / "run"))] == list(
+  assert [r["step"] for r in logs.read_metrics(str(tmp_path / "run"))] == list(
       range(1, stopped + 1))
 
 
@@ -207,8 +207,8 @@ def test_two_processes_train_like_one(two_process_run, tmp_path, monkeypatch):
   loop.train_and_evaluate(c, str(tmp_path / "reference"))
   assert_states_close(state_of(workdir), state_of(tmp_path / "reference"), steps=STEPS)
 
-  records = common.read_metrics(str(workdir))
-  reference = common.read_metrics(str(tmp_path / "reference"))
+  records = logs.read_metrics(str(workdir))
+  reference = logs.read_metrics(str(tmp_path / "reference"))
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))   # Process 0 only.
   for r, ref in zip(records, reference):
     for key in ("d_loss", "g_loss", "d_real", "d_nda"):
@@ -232,7 +232,7 @@ def test_two_processes_resume_on_one(two_process_run, tmp_path, caplog):
                             str(tmp_path / "run"))
   assert "resumed from step 4" in caplog.text
   assert "saved by a different number of processes" in caplog.text
-  assert [r["step"] for r in common.read_metrics(str(tmp_path / "run"))] == list(
+  assert [r["step"] for r in logs.read_metrics(str(tmp_path / "run"))] == list(
       range(1, STEPS + 3))
   state = trainers.load_run(str(tmp_path / "run"))[2]
   assert int(state.step) == STEPS + 2
@@ -258,7 +258,7 @@ def test_resume_on_another_device_count(straight_runs, tmp_path, first, then):
   split = tmp_path / "split"
   loop.train_and_evaluate(config(max_devices=first, **{"train.total_steps": 2}), str(split))
   loop.train_and_evaluate(config(max_devices=then), str(split))
-  assert [r["step"] for r in common.read_metrics(str(split))] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in logs.read_metrics(str(split))] == list(range(1, STEPS + 1))
   assert_states_close(state_of(split), state_of(straight_runs(first)), steps=STEPS)
 
 
@@ -289,6 +289,6 @@ def test_moco_two_processes_train_like_one(tmp_path, monkeypatch):
   two, one = (trainers.load_run(str(w), config=c)[2] for w in (workdir, tmp_path / "reference"))
   assert int(two.step) == int(one.step) == c.train.total_steps
   test_moco.assert_leaves_close(two, one)
-  knn = [[r["knn_top1"] for r in common.read_metrics(str(w)) if "knn_top1" in r]
+  knn = [[r["knn_top1"] for r in logs.read_metrics(str(w)) if "knn_top1" in r]
          for w in (workdir, tmp_path / "reference")]
   assert len(knn[0]) == 1 and knn[0] == knn[1], knn

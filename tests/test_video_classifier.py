@@ -11,6 +11,7 @@ import pytest
 
 from configs import demo_video
 from configs import demo_video_probe
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax.data import pipeline
@@ -18,7 +19,6 @@ from nda_jax.data import sources
 from nda_jax.data import video_frames
 from nda_jax.evaluators import video_classification as vc_eval
 from nda_jax.importers import save
-from nda_jax.trainers import common
 from nda_jax.trainers import loop
 from nda_jax.trainers import video_classifier as vc
 
@@ -299,7 +299,7 @@ def test_linear_probe_trains_through_the_loop_on_a_frozen_dpc_encoder(dpc_run, t
   workdir = str(tmp_path / "probe")
   config = _probe_config("tiny", pretrained)
   loop.train_and_evaluate(config, workdir)
-  records = common.read_metrics(workdir)
+  records = logs.read_metrics(workdir)
   evals = [r for r in records if "test_video_top1" in r]
   assert [r["step"] for r in evals] == [4]
   # A moving-digit clip is its own video: both accuracies are the same fraction of 32 clips.

@@ -21,11 +21,11 @@ import pytest
 
 from nda_jax import config_lib
 from nda_jax import eval as eval_lib
+from nda_jax import logs
 from nda_jax import workdir as workdir_lib
 from nda_jax.evaluators import anomaly
 from nda_jax.evaluators import metrics as metrics_lib
 from nda_jax.tools import plot as plot_tool
-from nda_jax.trainers import common
 from nda_jax.trainers import gan
 from test_gan_trainer import tiny_config
 
@@ -89,15 +89,15 @@ def test_run_files_go_through_epath(bucket, caplog, monkeypatch):
   assert config_lib.load_config(WORKDIR).train.batch_size == config.train.batch_size
 
   with caplog.at_level(logging.WARNING):
-    writer = common.MetricWriter(WORKDIR)
+    writer = logs.MetricWriter(WORKDIR)
   assert "no TensorBoard events for gs://bucket/run/tensorboard" in caplog.text
   writer.write(1, {"d_loss": 1.5})
   writer.write(2, {"d_loss": 1.25})
   writer.close()
-  resumed = common.MetricWriter(WORKDIR)     # A resumed run keeps the earlier records.
+  resumed = logs.MetricWriter(WORKDIR)     # A resumed run keeps the earlier records.
   resumed.write(3, {"d_loss": 1.0, "g_loss": 2.0})
   resumed.close()
-  records = common.read_metrics(WORKDIR)
+  records = logs.read_metrics(WORKDIR)
   assert [(r["step"], r["d_loss"]) for r in records] == [(1, 1.5), (2, 1.25), (3, 1.0)]
   assert not (local / "tensorboard").exists()
 
@@ -113,9 +113,9 @@ def test_run_files_go_through_epath(bucket, caplog, monkeypatch):
   result = {"step": 3, "checkpoint": "latest", "evals": {}, "metrics": {"fd_digits": 4.5}}
   eval_lib.write_result(WORKDIR, result)
   assert '"fd_digits": 4.5' in (local / "eval.json").read_text()
-  assert common.read_metrics(WORKDIR, eval_lib.METRICS_FILE) == [{"step": 3,
+  assert logs.read_metrics(WORKDIR, eval_lib.METRICS_FILE) == [{"step": 3,
                                                                    "eval/fd_digits": 4.5}]
-  assert common.read_metrics(WORKDIR)[-1]["step"] == 3 and "d_loss" in common.read_metrics(
+  assert logs.read_metrics(WORKDIR)[-1]["step"] == 3 and "d_loss" in logs.read_metrics(
       WORKDIR)[-1]
 
   tables = {"in_distribution": {"split": "test", "n": 10, "mean_score": 0.0},
@@ -134,7 +134,7 @@ def test_run_files_go_through_epath(bucket, caplog, monkeypatch):
   np.testing.assert_array_equal(loaded[0], mu)
   np.testing.assert_array_equal(loaded[1], sigma)
 
-  assert plot_tool.plot(common.read_metrics(WORKDIR), workdir_lib.path(WORKDIR) / "plots.png")
+  assert plot_tool.plot(logs.read_metrics(WORKDIR), workdir_lib.path(WORKDIR) / "plots.png")
   assert Image.open(io.BytesIO((local / "plots.png").read_bytes())).format == "PNG"
 
 

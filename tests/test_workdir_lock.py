@@ -19,9 +19,9 @@ import pytest
 import snapshot
 import toy_method
 from nda_jax import eval as eval_lib
+from nda_jax import logs
 from nda_jax import trainers
 from nda_jax import workdir_lock
-from nda_jax.trainers import common
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -56,7 +56,7 @@ def _wait_for_step(proc, step):
 
 
 def _steps_logged(workdir):
-  return [r["step"] for r in common.read_metrics(str(workdir))]
+  return [r["step"] for r in logs.read_metrics(str(workdir))]
 
 
 def test_second_main_is_refused_naming_the_holder_and_changes_nothing(tmp_path):
@@ -157,7 +157,7 @@ def test_readers_during_training_write_nothing_and_survive_keep_n(tmp_path):
   assert len(loaded) == 40 and loaded == sorted(loaded), loaded
   steps = _steps_logged(workdir)
   assert steps == list(range(1, len(steps) + 1))              # Training records alone.
-  records = common.read_metrics(str(workdir), eval_lib.METRICS_FILE)
+  records = logs.read_metrics(str(workdir), eval_lib.METRICS_FILE)
   assert [r["step"] for r in records] == loaded
   assert not (workdir / "checkpoints_damaged").exists()
 

@@ -37,9 +37,9 @@ from etils import epath
 import numpy as np
 
 from nda_jax import cli
+from nda_jax import logs
 from nda_jax import workdir as workdir_lib
 from nda_jax.tools import figures
-from nda_jax.trainers import common
 
 _PROG = "nda_jax.tools.compare"
 
@@ -130,11 +130,11 @@ def read_run(workdir: str) -> Run:
                    if k != PRETRAINED_KEY})
   series: dict[str, dict[int, float]] = {}
   root = workdir_lib.path(workdir)
-  if (root / common.METRICS_FILE).exists():
-    _add_records(series, common.read_metrics(workdir))
+  if (root / logs.METRICS_FILE).exists():
+    _add_records(series, logs.read_metrics(workdir))
   if (root / EVAL_FILES[0]).exists():
     records = [{k[len(EVAL_PREFIX):] if k.startswith(EVAL_PREFIX) else k: v
-                for k, v in r.items()} for r in common.read_metrics(workdir, EVAL_FILES[0])]
+                for k, v in r.items()} for r in logs.read_metrics(workdir, EVAL_FILES[0])]
     _add_records(series, records, EVAL_PREFIX)
   elif (root / EVAL_FILES[1]).exists():
     try:
@@ -144,7 +144,7 @@ def read_run(workdir: str) -> Run:
       raise ValueError(f"{root / EVAL_FILES[1]} is not the eval.json `nda_jax.eval` "
                        f"writes") from None
   if not series:
-    raise ValueError(f"{workdir} has no metrics ({common.METRICS_FILE}, {EVAL_FILES[0]} or "
+    raise ValueError(f"{workdir} has no metrics ({logs.METRICS_FILE}, {EVAL_FILES[0]} or "
                      f"{EVAL_FILES[1]}): has the run logged or been evaluated yet?")
   return Run(str(workdir), config, {
       k: (np.asarray(sorted(v)), np.asarray([v[s] for s in sorted(v)], np.float64))

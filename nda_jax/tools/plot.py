@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from nda_jax import cli
+from nda_jax import logs
 from nda_jax import workdir as workdir_lib
 from nda_jax.tools import figures
-from nda_jax.trainers import common
 
 _PROG = "nda_jax.tools.plot"
 
@@ -64,7 +64,7 @@ def main(argv):
   f = flags.FLAGS
   out = f.out or workdir_lib.path(f.workdir) / "plots.png"
   try:
-    titles = plot(common.read_metrics(f.workdir), out)
+    titles = plot(logs.read_metrics(f.workdir), out)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(_PROG, str(e))
   print(f"wrote {out} ({', '.join(titles)})")

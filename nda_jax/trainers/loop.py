@@ -26,11 +26,11 @@ import numpy as np
 from nda_jax import checkpoint as ckpt_lib
 from nda_jax import config_lib
 from nda_jax import evaluators as evaluators_lib
+from nda_jax import logs
 from nda_jax import parallel
 from nda_jax import trainers
 from nda_jax import workdir_lock
 from nda_jax.data import pipeline
-from nda_jax.trainers import common
 from nda_jax.trainers import method as method_lib
 
 PyTree = Any
@@ -220,8 +220,8 @@ class _Run:
   method: method_lib.Method
   data_iter: Any
   checkpointer: ckpt_lib.Checkpointer
-  writer: common.MetricWriter
-  progress: common.Progress
+  writer: logs.MetricWriter
+  progress: logs.Progress
   carry: PyTree
   step: int
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)   # Last logged + evals.
@@ -272,7 +272,7 @@ class _Log:
     run.metrics = run.dp.unreplicate_metrics(device_metrics)
     run.metrics.update(run.progress.update(run.step))
     run.writer.write(run.step, run.metrics)
-    logging.info("%s", common.Progress.line(run.step, self.total, run.metrics))
+    logging.info("%s", logs.Progress.line(run.step, self.total, run.metrics))
     if run.metrics["input_wait_fraction"] > INPUT_BOUND:
       logging.warning(INPUT_BOUND_WARNING, run.step, 100 * run.metrics["input_wait_fraction"])
 
@@ -430,8 +430,8 @@ def _start(workdir: str, dp: parallel.DataParallel, method: method_lib.Method, d
            checkpointer: ckpt_lib.Checkpointer, state: PyTree) -> _Run:
   """The run at the state's step; the writer and the device-hours continue its records."""
   step = int(jax.device_get(state.step))
-  writer = common.MetricWriter(workdir, start_step=step)
-  progress = common.Progress(method.total_steps, method.examples_per_step, step, dp.num_devices,
+  writer = logs.MetricWriter(workdir, start_step=step)
+  progress = logs.Progress(method.total_steps, method.examples_per_step, step, dp.num_devices,
                              writer.last_value("device_hours") or 0.0)
   return _Run(workdir=workdir, dp=dp, method=method, data_iter=data_iter,
               checkpointer=checkpointer, writer=writer, progress=progress,

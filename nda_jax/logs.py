@@ -1,4 +1,5 @@
-"""What every trainer shares: the metrics writer and the progress line."""
+"""A run's records: metrics.jsonl and TensorBoard (`MetricWriter`, `read_metrics`) and the
+progress line (`Progress`), for the loop, eval and the tools."""
 import contextlib
 import json
 import threading
