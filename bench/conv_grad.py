@@ -1,6 +1,6 @@
 r"""Convolution speed on CPU: XLA's paths vs this project's vs PyTorch's.
 
-  python bench/conv_grad.py [--quick] [--repeats=5]
+  python bench/conv_grad.py [--quick] [--repeats=5] [--shapes=biggan64,biggan16,resnet]
 
 For the conv shapes of the paper's BigGAN (CIFAR, ch=64 -> 256 channels and
 ch=16 -> 64 channels, batch 64) and of ResNet-18/50 stages (incl. the 7x7/2
@@ -92,11 +92,35 @@ def resnet_shapes(batch: int) -> list[ConvShape]:
   ]
 
 
-def all_shapes(quick: bool) -> list[ConvShape]:
+def moco32_shapes(batch: int) -> list[ConvShape]:
+  """ResNet-18 with the CIFAR stem at 32 px (bench/moco_step.py's r18_32)."""
+  return [
+      ConvShape("r18_32", batch, 32, 3, 3, 64), ConvShape("r18_32", batch, 32, 3, 64, 64),
+      ConvShape("r18_32", batch, 32, 3, 64, 128, 2), ConvShape("r18_32", batch, 32, 1, 64, 128, 2),
+      ConvShape("r18_32", batch, 16, 3, 128, 128), ConvShape("r18_32", batch, 8, 3, 256, 256),
+      ConvShape("r18_32", batch, 4, 3, 512, 512),
+  ]
+
+
+SHAPE_SETS = {
+    "quick": lambda: [ConvShape("biggan16", 16, 32, 3, 64, 64),
+                      ConvShape("biggan16", 16, 32, 1, 64, 64),
+                      ConvShape("biggan16", 16, 32, 3, 3, 64),
+                      ConvShape("resnet", 4, 56, 3, 64, 128, 2)],
+    "biggan64": lambda: biggan_shapes(64, 64),
+    "biggan16": lambda: biggan_shapes(16, 64),
+    "resnet": lambda: resnet_shapes(16),
+    "r18_32": lambda: moco32_shapes(64),
+}
+
+
+def all_shapes(quick: bool, sets: list[str]) -> list[ConvShape]:
   if quick:
-    return [ConvShape("biggan16", 16, 32, 3, 64, 64), ConvShape("biggan16", 16, 32, 1, 64, 64),
-            ConvShape("biggan16", 16, 32, 3, 3, 64), ConvShape("resnet", 4, 56, 3, 64, 128, 2)]
-  return biggan_shapes(64, 64) + biggan_shapes(16, 64) + resnet_shapes(16)
+    return SHAPE_SETS["quick"]()
+  unknown = sorted(set(sets) - set(SHAPE_SETS))
+  if unknown:
+    raise app.UsageError(f"--shapes: unknown set(s) {unknown}; choose from {sorted(SHAPE_SETS)}.")
+  return [shape for name in sets for shape in SHAPE_SETS[name]()]
 
 
 def jax_fns(shape: ConvShape, impl: str,
@@ -174,6 +198,8 @@ def _cell(seconds: float | None, gflop: float) -> str:
 
 _QUICK = flags.DEFINE_bool("quick", False, "A few small shapes (smoke test).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
+_SHAPES = flags.DEFINE_list("shapes", ["biggan64", "biggan16", "resnet"],
+                            "Shape sets, of biggan64, biggan16, resnet, r18_32 (MoCo-v2's R18 at 32 px).")
 
 
 def main(argv):
@@ -189,7 +215,7 @@ def main(argv):
             + (f" {'torch/auto':>10}" if torch else "") + "  matmul's dW path")
   print(header, flush=True)
   dw_speedups, dw_rates = [], []
-  for shape in all_shapes(_QUICK.value):
+  for shape in all_shapes(_QUICK.value, _SHAPES.value):
     t = bench_shape(shape, repeats)
     auto = layers.resolve_impl("auto", *_kernel_strides(shape))
     for op in ("fwd", "dx", "dW"):

@@ -79,12 +79,13 @@ def time_iteration(width: int, batch: int, iters: int, variant: str) -> dict[str
   return {"sec_per_iter": float(np.median(times)), "first_call": first}
 
 
-_WIDTHS = flags.DEFINE_list("widths", ["64", "16"], "Model widths (config.model.ch).")
-_BATCH = flags.DEFINE_integer("batch", 64, "Batch per D step.")
-_ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per variant.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", ["xla/loop/ynn", "auto/loop", "auto/unroll"],
-    "conv_impl/d_steps_lowering[/ynn] (lowering: loop, unroll, auto); the first is the baseline.")
+if __name__ == "__main__":   # Only when run: bench/official_torch_step.py imports `setup`.
+  _WIDTHS = flags.DEFINE_list("widths", ["64", "16"], "Model widths (config.model.ch).")
+  _BATCH = flags.DEFINE_integer("batch", 64, "Batch per D step.")
+  _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per variant.")
+  _VARIANTS = flags.DEFINE_list(
+      "variants", ["xla/loop/ynn", "auto/loop", "auto/unroll"],
+      "conv_impl/d_steps_lowering[/ynn] (lowering: loop, unroll, auto); the first is the baseline.")
 
 
 def main(argv):

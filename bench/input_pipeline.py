@@ -16,14 +16,20 @@ measurements repeat by repeat (median kept), images per second of:
   main_moco aug+  the whole aug+ of main_moco on the host, ToTensor and
                   Normalize included (only with torchvision);
   the project's imagenet_moco / imagenet_linear training pipelines
-                  (pipeline.make_train_iterator on their data config: host
-                  crops, views of 224) with 0 worker processes (one read
-                  thread in the main process) and with each of --workers;
-                  and imagenet_moco with data.crops='device' (decode at 256,
-                  centre 256x256: the crops drawn on device), for comparison.
+                  (pipeline.make_train_iterator on their data config) with
+                  data.crops='host' (views of 224 resized on the host) and
+                  data.crops='canvas' (the decoded photo in a canvas of each
+                  --canvas_sizes with its boxes, resized on device: not timed
+                  here; box rectangles larger than the canvas are shrunk on
+                  the host),
+                  each with 0 worker processes (one read thread in the main
+                  process) and with each of --workers; and imagenet_moco with
+                  data.crops='device' (decode at 256, centre 256x256: the
+                  crops drawn on device), for comparison.
 
 Prints img/s, the ratio to the decode floor (per core: divided by the worker
-count, 1 for 0 workers) and the cores one accelerator needs at
+count, 1 for 0 workers), images per CPU second of the main process (and its
+ratio to the floor's) and the cores one accelerator needs at
 --batch_per_step x --steps_per_sec (default 256 x 3: a V100-class GPU on
 ResNet-50 MoCo-v2 at batch 256, MoCo's 8-GPU run at ~0.4 s per step of 256 per
 GPU being ~2.5; 3 keeps a margin). On a shared machine absolute figures move
@@ -53,6 +59,8 @@ _WORKERS = flags.DEFINE_list("workers", ["1", "2"],
 _BATCH = flags.DEFINE_integer("batch", 25, "Host batch of the pipelines.")
 _BATCH_PER_STEP = flags.DEFINE_integer("batch_per_step", 256, "Images per accelerator step.")
 _STEPS_PER_SEC = flags.DEFINE_float("steps_per_sec", 3.0, "Accelerator steps per second.")
+_CANVAS = flags.DEFINE_list("canvas_sizes", ["500"],
+                            "data.canvas_size of the canvas rows (one set of rows each).")
 _DIR = flags.DEFINE_string("dir", None, "Where to write the JPEGs (default: a temporary folder).")
 _IDLE_FLOOR = flags.DEFINE_float(
     "idle_floor", 0.0, "Decode floor (img/s) of one idle core, for the cores-needed column on "
@@ -134,8 +142,14 @@ def main_moco_aug_plus(paths: list[str], tv) -> None:
     tv[1](image), tv[1](image)
 
 
-def pipeline_pass(data_cfg: ml_collections.ConfigDict, workers: int, n: int) -> float:
-  """img/s of the training iterator over n images, after one warm-up batch."""
+def rates(images: int, wall: float, cpu: float) -> tuple[float, float]:
+  """(img/s of wall time, img per CPU second of this process's threads)."""
+  return images / wall, images / max(cpu, 1e-9)
+
+
+def pipeline_pass(data_cfg: ml_collections.ConfigDict, workers: int,
+                  n: int) -> tuple[float, float]:
+  """rates() of the training iterator over n images, after one warm-up batch."""
   cfg = ml_collections.ConfigDict(data_cfg.to_dict())
   cfg.worker_count = workers
   batch = _BATCH.value
@@ -143,10 +157,10 @@ def pipeline_pass(data_cfg: ml_collections.ConfigDict, workers: int, n: int) -> 
   try:
     next(it)   # worker start-up and the first batch
     num_batches = max(1, n // batch)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(num_batches):
       next(it)
-    return num_batches * batch / (time.perf_counter() - start)
+    return rates(num_batches * batch, time.perf_counter() - start, time.process_time() - cpu)
   finally:
     it.close()
 
@@ -160,20 +174,28 @@ def main(argv):
   print(f"{n} JPEGs in {root}: mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} "
         f"(w x h), {sum(os.path.getsize(p) for p in paths) / n / 1e3:.0f} kB each; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+  canvases = [int(c) for c in _CANVAS.value]
   tv = _torchvision_transforms()
-  moco_data = imagenet_moco.get_config().data
-  moco_data.data_dir = root
-  linear_data = imagenet_linear.get_config().data
-  linear_data.data_dir = root
-  device_data = ml_collections.ConfigDict(moco_data.to_dict())
-  device_data.crops = "device"
+
+  def data(config, crops_mode, canvas=canvases[0]):
+    d = ml_collections.ConfigDict(config.get_config().data.to_dict())
+    d.data_dir, d.crops, d.canvas_size = root, crops_mode, canvas
+    return d
   workers = [0] + [int(w) for w in _WORKERS.value if int(w) > 0]
+  moco_views = int(imagenet_moco.get_config().data.views.num)
+  print(f"bytes per image to the device: host views {moco_views * 224 * 224 * 3:,} (moco), "
+        f"{224 * 224 * 3:,} (linear)")
+  for canvas in canvases:
+    print(f"canvas {canvas}: {np.mean(sizes.max(axis=1) > canvas):.0%} of the photos larger "
+          "(shrunk on the host when their boxes span more than the canvas); "
+          f"{canvas * canvas * 3 + 16 * moco_views:,} bytes per image (moco), "
+          f"{canvas * canvas * 3 + 16:,} (linear)")
 
   def timed(fn):
     def run():
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       fn(paths)
-      return n / (time.perf_counter() - start)
+      return rates(n, time.perf_counter() - start, time.process_time() - cpu)
     return run
   crops_name = "main_moco crops (" + ("torchvision" if tv else "PIL re-implementation") + ")"
   rows = {"PIL decode floor": (timed(decode_floor), 1),
@@ -181,34 +203,42 @@ def main(argv):
   if tv is not None:
     rows["main_moco aug+ (torchvision, all on host)"] = (
         timed(lambda p: main_moco_aug_plus(p, tv)), 1)
-  for w in workers:
-    rows[f"imagenet_moco, host crops, {w} workers"] = (
-        lambda w=w: pipeline_pass(moco_data, w, n), max(w, 1))
-  for w in workers:
-    rows[f"imagenet_linear, host crops, {w} workers"] = (
-        lambda w=w: pipeline_pass(linear_data, w, n), max(w, 1))
+  for config in (imagenet_moco, imagenet_linear):
+    name = config.__name__.split(".")[-1]
+    for w in workers:
+      rows[f"{name}, host crops, {w} workers"] = (
+          lambda w=w, d=data(config, "host"): pipeline_pass(d, w, n), max(w, 1))
+    for canvas in canvases:
+      for w in workers:
+        rows[f"{name}, canvas {canvas}, {w} workers"] = (
+            lambda w=w, d=data(config, "canvas", canvas): pipeline_pass(d, w, n), max(w, 1))
   rows["imagenet_moco, crops on device (decode 256), 0 workers"] = (
-      lambda: pipeline_pass(device_data, 0, n), 1)
+      lambda d=data(imagenet_moco, "device"): pipeline_pass(d, 0, n), 1)
 
   results = {name: [] for name in rows}
   for repeat in range(_REPEATS.value):
     for name, (fn, _) in rows.items():
       results[name].append(fn())
-      print(f"pass {repeat + 1}: {name}: {results[name][-1]:.0f} img/s", flush=True)
-  floor = float(np.median(results["PIL decode floor"]))
+      wall, cpu = results[name][-1]
+      print(f"pass {repeat + 1}: {name}: {wall:.0f} img/s, {cpu:.0f} img/CPU-s", flush=True)
+  medians = {name: np.median(np.array(r), axis=0) for name, r in results.items()}
+  floor, floor_cpu = medians["PIL decode floor"]
   core_floor = _IDLE_FLOOR.value or floor
   need = _BATCH_PER_STEP.value * _STEPS_PER_SEC.value
   print(f"\nimg/s: median of {_REPEATS.value} alternating passes; x floor per core = img/s / "
         f"cores / floor; cores for one accelerator at {_BATCH_PER_STEP.value} img/step x "
         f"{_STEPS_PER_SEC.value:g} steps/s = {need:.0f} img/s, at a floor of {core_floor:.0f} "
-        f"img/s per core.\n")
-  print(f"| {'':58s} | {'img/s':>6s} | {'x floor per core':>16s} | {'cores needed':>12s} |")
-  print(f"|{'-' * 60}|{'-' * 8}|{'-' * 18}|{'-' * 14}|")
+        f"img/s per core. img/CPU-s: images per CPU second of the main process (all its "
+        f"threads; the worker processes not counted), which a loaded machine moves less than "
+        f"wall time: with 0 workers all the work, with workers what stays serial.\n")
+  print(f"| {'':58s} | {'img/s':>6s} | {'x floor per core':>16s} | {'cores needed':>12s} "
+        f"| {'img/CPU-s':>9s} | {'x floor, CPU':>12s} |")
+  print(f"|{'-' * 60}|{'-' * 8}|{'-' * 18}|{'-' * 14}|{'-' * 11}|{'-' * 14}|")
   for name, (_, cores) in rows.items():
-    rate = float(np.median(results[name]))
-    per_core = rate / cores
-    ratio = per_core / floor
-    print(f"| {name:58s} | {rate:6.0f} | {ratio:16.2f} | {need / (ratio * core_floor):12.1f} |")
+    rate, cpu = medians[name]
+    ratio = rate / cores / floor
+    print(f"| {name:58s} | {rate:6.0f} | {ratio:16.2f} | {need / (ratio * core_floor):12.1f} "
+          f"| {cpu:9.0f} | {cpu / floor_cpu:12.2f} |")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def make_config(case: str, batch: int, nda: bool,
   c = common.moco_config()
   c.model.arch, c.model.stem, c.model.conv_impl = arch, stem, conv_impl
   c.data.image_size = image_size
+  c.data.crops = "device"   # the views cropped in the step, from the uint8 images below
   c.aug.crop_size = crop
   c.train.batch_size = batch
   c.model.bn_group_size = min(32, batch // 4)   # MoCo: 32 per GPU; >= 3 groups here

@@ -75,14 +75,17 @@ def data_config(name: str, image_size: int, num_classes: int, channels: int = 3
 
 
 def host_views(c: ml_collections.ConfigDict, num: int, size, scale) -> None:
-  """Training crops made on the host from the original photos (data/crops.py).
+  """Training crops from the original photos (data/crops.py), as the reference recipes crop.
 
-  `c.data.crops = 'host'`: `num` torchvision RandomResizedCrops of each
-  original image, as the reference recipes crop; `'device'` would crop the
-  decoded image_size square in the train step instead. `size` and `scale`
-  may be FieldReferences of the aug section, so one override sets both.
+  `num` torchvision RandomResizedCrops of each original image: `c.data.crops
+  = 'canvas'` ships the decoded photo in a canvas_size square with the boxes
+  and the train step resizes them (the host only decodes: bench/input_pipeline.py);
+  `'host'` resizes them on the host; `'device'` would crop the decoded
+  image_size square in the train step instead. `size` and `scale` may be
+  FieldReferences of the aug section, so one override sets both.
   """
-  c.data.crops = "host"
+  c.data.crops = "canvas"
+  c.data.canvas_size = 500              # the longer side of most ImageNet photos (crops.py)
   c.data.views = ml_collections.ConfigDict()
   c.data.views.num = num
   c.data.views.size = size
@@ -178,6 +181,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.model.stem = "imagenet"             # 'cifar': 3x3 conv, no max-pool (32x32, digits)
   c.model.width = 64
   c.model.head_dim = 128                # MLP head 2048-2048-128 (--mlp)
+  c.model.mlp_head = True               # --mlp (MoCo-v2); False: MoCo v1's linear head
   c.model.bn_group_size = 32            # BN statistics per 32 examples = MoCo's 256 over 8 GPUs
   c.model.input_norm = "imagenet"       # torchvision mean/std, as MoCo (and imported weights)
   c.model.conv_impl = "auto"
@@ -186,6 +190,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.moco.queue_size = 65536             # K
   c.moco.momentum = 0.999               # m
   c.moco.temperature = 0.2              # --moco-t 0.2
+  c.moco.monitor_features = "backbone"  # the kNN monitor's: pooled backbone, or 'head'
 
   c.aug = ml_collections.ConfigDict()   # aug+ (MoCo-v2): crops per data.crops, the rest on device
   c.aug.crop_size = 224
@@ -214,7 +219,7 @@ def moco_config() -> ml_collections.ConfigDict:
   c.optim.encoder.lr = 0.03             # 0.03 * batch / 256
   c.optim.encoder.momentum = 0.9
   c.optim.encoder.weight_decay = 1e-4   # coupled, as torch.optim.SGD
-  c.optim.encoder.schedule = "cosine"   # --cos
+  c.optim.encoder.schedule = "cosine_epochs"   # --cos: set once per epoch
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256
@@ -269,7 +274,8 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.pretrained_checkpoint = "latest"    # 'latest' | 'best' | a step
   c.mode = "finetune"                   # or 'linear'
   c.data = data_config("ucf101", image_size=240, num_classes=101)
-  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
+  c.data.resize_size = 240              # DPC's frames: 320x240, shorter side 240 ...
+  c.data.frame_width = 320              # ... kept whole: the random crops see all of it
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -291,7 +297,7 @@ def video_classifier_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = "auto"
 
   c.aug = ml_collections.ConfigDict()   # DPC's fine-tuning views, one draw per clip
-  c.aug.crop_size = 224                 # evaluation: central 224 of the 240 px frames ...
+  c.aug.crop_size = 224                 # evaluation: central 224 of the 320x240 frames ...
   c.aug.out_size = 128                  # ... scaled to 128 (the model's input)
   c.aug.scale = (0.5, 1.0)              # RandomSizedCrop's area
   c.aug.ratio = (3 / 4, 4 / 3)
@@ -333,7 +339,8 @@ def dpc_config() -> ml_collections.ConfigDict:
   """
   c = run_config("dpc", seed=0)
   c.data = data_config("ucf101", image_size=240, num_classes=101)
-  c.data.resize_size = 240              # DPC's frames: shorter side 240; host: centre 240x240
+  c.data.resize_size = 240              # DPC's frames: 320x240, shorter side 240 ...
+  c.data.frame_width = 320              # ... kept whole: the random crops see all of it
   c.data.frame_stride = 3               # DPC's --ds 3
   c.data.split_number = 1
   c.data.splits_dir = ml_collections.FieldReference(None, field_type=str)
@@ -357,7 +364,7 @@ def dpc_config() -> ml_collections.ConfigDict:
   c.dpc.candidate_group_size = 32       # DPC's per-GPU candidates; 0: the global batch
 
   c.aug = ml_collections.ConfigDict()   # DPC's UCF-101 views, made on device
-  c.aug.crop_size = 224                 # RandomCrop(224) of the 240 px frames ...
+  c.aug.crop_size = 224                 # RandomCrop(224) of the 320x240 frames ...
   c.aug.out_size = 128                  # ... scaled to 128 (the model's input)
   c.aug.jitter = (0.5, 0.5, 0.5, 0.25)  # per frame, p = 1
   c.aug.p_gray = 0.5                    # per frame
@@ -436,11 +443,13 @@ def linear_config() -> ml_collections.ConfigDict:
 def moco_cifar_config(name: str, num_classes: int) -> ml_collections.ConfigDict:
   """MoCo's CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb) with NDA negatives.
 
-  ResNet-18 with the CIFAR stem, K=4,096, m=0.99, t=0.1, SGD lr 0.06 at batch
-  512 (cosine), momentum 0.9, weight decay 5e-4, 200 epochs, BN in 8 groups of
-  64 (its SplitBatchNorm, --bn-splits 8), its views (RandomResizedCrop(32) at
+  ResNet-18 with the CIFAR stem and a linear head 512 -> 128, K=4,096, m=0.99,
+  t=0.1, SGD lr 0.06 at batch 512 (cosine, set once per epoch), momentum 0.9,
+  weight decay 5e-4, 200 epochs, BN in 8 groups of 64 (its SplitBatchNorm,
+  --bn-splits 8), the dataset's mean/std, its views (RandomResizedCrop(32) at
   torchvision's default scale, flip, colour jitter, grayscale; no blur) and its
-  kNN monitor (k=200, t=0.1, train split as the bank, test split as queries).
+  kNN monitor on the head's outputs (k=200, t=0.1, train split as the bank,
+  test split as queries).
   """
   c = moco_config()
   c.data = data_config(name, image_size=32, num_classes=num_classes)
@@ -448,10 +457,13 @@ def moco_cifar_config(name: str, num_classes: int) -> ml_collections.ConfigDict:
   c.model.stem = "cifar"
   c.model.width = 64
   c.model.head_dim = 128                # --moco-dim
+  c.model.mlp_head = False              # the demo's fc: one linear layer
   c.model.bn_group_size = 64            # 512 / --bn-splits 8
+  c.model.input_norm = name             # transforms.Normalize of the dataset's mean/std
   c.moco.queue_size = 4096
   c.moco.momentum = 0.99
   c.moco.temperature = 0.1
+  c.moco.monitor_features = "head"      # the demo's kNN reads net(x), the 128-d output
   c.aug.crop_size = 32
   c.aug.scale = (0.08, 1.0)             # RandomResizedCrop(32)'s default
   c.aug.p_blur = 0.0
@@ -466,8 +478,10 @@ def moco_cifar_config(name: str, num_classes: int) -> ml_collections.ConfigDict:
 
 
 def apply_moco_cifar_variants(c: ml_collections.ConfigDict, variants: set[str]) -> None:
-  """`v2`: MoCo-v2's aug+ (main_moco.py --aug-plus); `baseline`: plain MoCo, no NDA negatives."""
+  """`v2`: MoCo-v2's MLP head and aug+ (main_moco.py --mlp --aug-plus); `baseline`: plain
+  MoCo, no NDA negatives."""
   if "v2" in variants:
+    c.model.mlp_head = True
     c.aug.scale = (0.2, 1.0)
     c.aug.p_blur = 0.5
   if "baseline" in variants:

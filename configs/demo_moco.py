@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.aug.scale = (0.5, 1.0)
   c.aug.p_blur = 0.0
   c.optim.encoder.lr = 0.06
+  c.optim.encoder.schedule = "cosine"   # per step: a smooth decay over the demo's 500 steps
   c.optim.encoder.weight_decay = 5e-4   # MoCo's CIFAR demo
   c.train.batch_size = 64
   c.train.num_epochs = 0

@@ -19,9 +19,11 @@ Released MoCo-v2 weights (moco_v2_200ep_pretrain.pth.tar):
 then the command above with --config.pretrained_workdir=runs/moco_v2_200ep.
 
 Expected: 67.5% top-1 (ImageNet val) for MoCo-v2 ResNet-50, 200 epochs (moco
-README: 67.5 +- 0.1). Training crops (`data.crops='host'`): the data pipeline
-draws RandomResizedCrop(224, scale 0.08-1) from each original photo, as
-torchvision does (`data.views.size` must be the encoder's crop size);
+README: 67.5 +- 0.1). Training crops (`data.crops='canvas'`): the data
+pipeline draws RandomResizedCrop(224, scale 0.08-1) boxes from each original
+photo, as torchvision does (`data.views.size` must be the encoder's crop
+size), and ships the photo in a 500x500 canvas with its box, resized in the
+train step; `--config.data.crops=host` resizes on the host, and
 `--config.data.crops=device` crops the central 256x256 (shorter side 256)
 in the train step instead. Validation: shorter side 256, centre 224.
 """

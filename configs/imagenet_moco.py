@@ -11,13 +11,16 @@ plain MoCo-v2 (nda.enabled=False).
       --config.data.data_dir=/path/to/imagenet --workdir=runs/in_moco_nda
 
 DATA_DIR holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. Training crops
-(`data.crops='host'`): the data pipeline draws aug+'s two RandomResizedCrop
+(`data.crops='canvas'`): the data pipeline draws aug+'s two RandomResizedCrop
 boxes (scale 0.2-1, ratio 3/4-4/3) from each original photo, as torchvision
-does, and ships the two 224x224 views (BILINEAR; JPEGs decoded at 1/2-1/8
-size where both boxes allow); the train step does the rest of aug+ (colour
-jitter, grayscale, blur, flip). `--config.data.crops=device` instead crops the
-central 256x256 of the decoded image (shorter side 256) in the step. The kNN
-monitor reads shorter side 256, centre 224.
+does, and ships the decoded photo in a 500x500 canvas (`data.canvas_size`;
+larger photos shrunk to fit) with the boxes; the train step resizes them to
+224x224 (PIL's BILINEAR) and does the rest of aug+ (colour jitter,
+grayscale, blur, flip). `--config.data.crops=host` resizes the views on the
+host instead (more host CPU, 2.5x fewer bytes to the device: README,
+"Measured"); `--config.data.crops=device` crops the central 256x256 of the
+decoded image (shorter side 256) in the step. The kNN monitor reads shorter
+side 256, centre 224.
 Linear evaluation: configs/imagenet_linear.py on the run's workdir.
 
 Expected (linear probe top-1 on ImageNet val, 200 epochs): MoCo-v2 67.5%

@@ -33,7 +33,7 @@ import ml_collections
 import optax
 
 KINDS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine", "steps")
+SCHEDULES = ("constant", "cosine", "cosine_epochs", "steps")
 
 
 def default_config(kind: str = "adam") -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def default_config(kind: str = "adam") -> ml_collections.ConfigDict:
   c.nesterov = False              # sgd
   c.weight_decay = 0.0
   c.decoupled_wd = False          # False: torch's weight_decay; True: AdamW-style
-  c.schedule = "constant"         # 'constant' | 'cosine' | 'steps'
+  c.schedule = "constant"         # 'constant' | 'cosine' | 'cosine_epochs' | 'steps'
   c.warmup_epochs = 0.0           # linear warmup from 0, before any schedule
   c.boundaries_epochs = ()        # 'steps': lr *= decay_factor at each of these epochs
   c.decay_factor = 0.1            # 'steps'
@@ -114,8 +114,11 @@ def _schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps:
 
   if cfg.schedule == "constant":
     main = optax.constant_schedule(lr)
-  elif cfg.schedule == "cosine":   # Per step; MoCo's --cos sets the same curve once per epoch.
+  elif cfg.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps=total_steps - warmup)
+  elif cfg.schedule == "cosine_epochs":   # MoCo's --cos: the curve's value set once per epoch
+    cosine = optax.cosine_decay_schedule(lr, decay_steps=total_steps - warmup)
+    main = lambda step: cosine(step // steps_per_epoch * steps_per_epoch)
   else:  # 'steps': decayed from the first step of each boundary epoch, as main_lincls.
     scales = {}    # step (counted from the warmup's end) -> factor; equal steps compound
     for epoch in cfg.boundaries_epochs:
@@ -133,8 +136,10 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, *, steps_per_epoch: i
 
   A linear warmup from 0 over `warmup_epochs` (so step 0 makes no update), then:
   'constant': lr; 'cosine': lr * 0.5 * (1 + cos(pi * t / T)) down to 0 over the
-  remaining T steps; 'steps': lr * decay_factor ** (boundaries passed), a boundary
-  epoch e being passed from step round(e * steps_per_epoch) on.
+  remaining T steps; 'cosine_epochs': the same curve with t rounded down to its
+  epoch's first step (main_moco's --cos, lr * 0.5 * (1 + cos(pi * epoch / epochs)));
+  'steps': lr * decay_factor ** (boundaries passed), a boundary epoch e being
+  passed from step round(e * steps_per_epoch) on.
   """
   validate(cfg, where)
   return _schedule(cfg, steps_per_epoch, total_steps, where)

@@ -8,6 +8,7 @@ position, metrics.jsonl). The cases run a few at a time; each test then checks o
 from concurrent import futures
 import contextlib
 import importlib.util
+import json
 import os
 import pickle
 import subprocess
@@ -95,6 +96,9 @@ CASES = [
     ("moco_negative_nda_weight", ("nda_jax.main", "--config=configs/demo_moco.py:tiny",
                                   "--workdir={T}/moco", "--config.nda.weight=-1"),
      "config.nda.weight=-1"),
+    ("canvas_smaller_than_the_view", ("nda_jax.main", "--config=configs/imagenet_moco.py",
+                                      "--workdir={T}/in_moco", "--config.data.canvas_size=100"),
+     "must be an integer of at least the view size config.data.views.size=224"),
     # Data, and a workdir that does not fit the config.
     ("missing_dataset", MAIN + ("--config.data.name=cifar100", "--config.data.image_size=32",
                                 "--config.data.num_classes=100", "--config.data.data_dir={N}"),
@@ -390,6 +394,29 @@ print("closed")
 """
 
 
+_TB_FULL_MID_RUN = """
+import os, sys, time
+from nda_jax.trainers import common
+run, disk = sys.argv[1], sys.argv[2]
+os.symlink(disk, run + "/tensorboard")   # The events on a small disk, metrics.jsonl not.
+writer = common.MetricWriter(run)
+for step in range(20):
+  writer.write(step, {"loss": 1.0})
+time.sleep(2.0)
+fd = os.open(disk + "/filler", os.O_WRONLY | os.O_CREAT)   # Another writer fills that disk.
+try:
+  while True:
+    os.write(fd, bytes(4096))
+except OSError as e:
+  print("disk full:", e.strerror)
+for step in range(20, 420):   # ~27 KB of events: the 8 KB buffer overflows mid-run.
+  writer.write(step, {"loss": 1.0})
+print("wrote all")
+writer.close()
+print("closed")
+"""
+
+
 @contextlib.contextmanager
 def _tmpfs(path, size="256k"):
   """A small tmpfs at `path` (a real file system that fills); skips without the privilege."""
@@ -418,3 +445,24 @@ def test_tensorboard_events_on_a_full_disk_end_in_one_warning(tmp_path):
     warning = [line for line in output.splitlines() if "TensorBoard events in" in line]
     assert len(warning) == 1 and "No space left on device" in warning[0], output[-3000:]
     assert f"{disk}/tensorboard" in warning[0]
+
+
+def test_tensorboard_events_failing_mid_run_do_not_stop_the_run(tmp_path):
+  """The event file's disk fills mid-run: tensorboardX's thread used to die on the
+  OSError, its queue of 10 events filled and the next add_scalar blocked the loop for
+  good (this script timed out). Now the events are given up with one warning and every
+  record still reaches metrics.jsonl."""
+  run = tmp_path / "run"
+  run.mkdir()
+  with _tmpfs(tmp_path / "disk") as disk:
+    proc = subprocess.run([sys.executable, "-c", _TB_FULL_MID_RUN, str(run), str(disk)],
+                          capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert "disk full: No space left on device" in output, output[-3000:]   # The premise.
+    assert proc.returncode == 0 and "wrote all" in proc.stdout and "closed" in proc.stdout, \
+        output[-3000:]
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
+    warning = [line for line in output.splitlines() if "TensorBoard events in" in line]
+    assert len(warning) == 1 and "No space left on device" in warning[0], output[-3000:]
+  steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(420))

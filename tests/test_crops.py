@@ -7,6 +7,7 @@ random stream), PIL's crop-then-resize with BILINEAR (torchvision's
 """
 import io
 import math
+import re
 
 import jax
 import ml_collections
@@ -20,6 +21,7 @@ import step_spy
 
 from configs import demo_linear
 from configs import demo_moco
+from nda_jax import images
 from nda_jax.augment import positive
 from nda_jax.data import crops
 from nda_jax.data import pipeline
@@ -314,8 +316,10 @@ def test_mocov2_aug_without_crop_keeps_the_view():
     positive.mocov2_aug(jax.random.PRNGKey(1), images, 8, **kw)
 
 
-def test_linear_probe_trains_on_host_views(tmp_path, monkeypatch):
-  """One probe step on [B, 1, S, S, 3] host crops of an image folder."""
+@pytest.mark.parametrize("where, shape", [("host", (1, 16, 16, 3)), ("canvas", (64, 64, 3))])
+def test_linear_probe_trains_on_host_views(tmp_path, monkeypatch, where, shape):
+  """One probe step on [B, 1, S, S, 3] host crops of an image folder, or on its photos
+  in canvases with their boxes."""
   pretrained = tmp_path / "moco"
   config = demo_moco.get_config("tiny")
   save.save_imported(str(pretrained), config,
@@ -323,15 +327,208 @@ def test_linear_probe_trains_on_host_views(tmp_path, monkeypatch):
   root = _folder(tmp_path, per_class=8)
   (tmp_path / "images" / "test").symlink_to(tmp_path / "images" / "train")
   c = _host_crop_config(demo_linear.get_config("tiny"), root, num=1)
+  c.data.crops, c.data.canvas_size = where, 64
   c.pretrained_workdir = str(pretrained)
   c.train.total_steps = 1
   c.train.batch_size = 16
   c.checkpoint.async_save = False
   seen = step_spy.record_batches(monkeypatch, linear_probe.LinearProbe)
   loop.train_and_evaluate(c, str(tmp_path / "probe"))
-  assert seen and all(s == (np.uint8, (16 // 8, 1, 16, 16, 3)) for s in seen), seen
+  assert seen and all(s == (np.uint8, (16 // 8, *shape)) for s in seen), seen
   records = common.read_metrics(str(tmp_path / "probe"))
   assert [r["step"] for r in records if "loss" in r] == [1]
   c.data.views.size = 24
   with pytest.raises(ValueError, match="config.data.views="):
     loop.check_config(c)
+
+
+# ---------------------------------------------------------------- canvas: boxes resized on device
+# PIL resizes 8-bit images in two passes (horizontal, then vertical), rounding to uint8 after
+# each, with non-negative weights summing to 1: its view is within 0.5 + 0.5 of the exact
+# float result (plus 2^-22 fixed-point weights, ~1e-4 of 255). `resized_crops` computes the
+# exact result in float32, so |view - PIL| <= 1 + 1e-3 in units of 1/255. Measured on this
+# module's two photos (80 views at 224 from boxes of 120-640 px, canvas 640): max 1.000,
+# mean per view 0.23-0.30 (the final rounding alone averages 0.25). MEAN bound 0.4.
+CANVAS_MAX, CANVAS_MEAN = 1.0 + 1e-3, 0.4
+
+
+def _canvas(path, spec, canvas, rng):
+  out = np.zeros((canvas, canvas, 3), np.uint8)
+  return out, crops.decode_canvas(path, spec, rng, out)
+
+
+def _region(boxes) -> tuple[int, int, int, int]:
+  """(top, left, bottom, right) of the smallest rectangle holding the boxes."""
+  b = np.asarray(boxes)
+  return b[:, 0].min(), b[:, 1].min(), (b[:, 0] + b[:, 2]).max(), (b[:, 1] + b[:, 3]).max()
+
+
+_resized = jax.jit(images.resized_crops, static_argnums=2)
+
+
+def _pil_views(full, boxes, size):
+  return np.stack([np.asarray(full.crop((left, top, left + w, top + h)).resize(
+      (size, size), Image.Resampling.BILINEAR)) for top, left, h, w in boxes]).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
+def test_canvas_view_is_pil_crop_then_bilinear_resize(tmp_path, name):
+  """Boxes smaller (upscaled) and larger (downscaled, antialiased) than the view."""
+  path = _photo(tmp_path, name)
+  full = Image.open(path).convert("RGB")
+  spec = crops.ViewSpec(num=2, size=224, scale=(0.08, 1.0))
+  diffs, sides, leaky = [], [], []
+  for i in range(20):
+    canvas, boxes = _canvas(path, spec, 640, crops.example_rng(0, 0, i))
+    original = crops.draw_boxes(crops.example_rng(0, 0, i), full.height, full.width, spec)
+    top, left, _, _ = _region(original)   # the photo fits: boxes only moved with the rectangle
+    np.testing.assert_array_equal(boxes, np.array(original) - [top, left, 0, 0])
+    views = np.asarray(_resized(canvas[None], boxes[None], 224))[0]
+    ref = _pil_views(full, original, 224)
+    diffs += [np.abs(v - r) for v, r in zip(views, ref)]
+    sides += [(h, w) for _, _, h, w in original]
+    # PIL's resize(box=...) lets pixels just outside the box reach its edges; torchvision
+    # (and resized_crops) crop first. The bound tells the two apart.
+    leaky += [np.abs(views[k] - np.asarray(full.resize(
+        (224, 224), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))).max()
+              for k, (top, left, h, w) in enumerate(original)]
+  sides = np.array(sides)
+  assert (sides < 224).all(1).sum() >= 5 and (sides > 224).all(1).sum() >= 5, sides
+  worst, mean = max(d.max() for d in diffs), max(d.mean() for d in diffs)
+  assert worst <= CANVAS_MAX and mean <= CANVAS_MEAN, (worst, mean)
+  assert np.median(leaky) > 3 * CANVAS_MAX, np.median(leaky)
+
+
+def test_scale_and_translate_is_not_crop_then_resize(tmp_path):
+  """Why resized_crops has its own weights: jax.image.scale_and_translate renormalises over
+  the whole canvas, so the box's neighbours reach its edge pixels."""
+  path = _photo(tmp_path)
+  full = Image.open(path).convert("RGB")
+  spec = crops.ViewSpec(num=2, size=224, scale=(0.08, 1.0))
+  canvas, boxes = _canvas(path, spec, 640, crops.example_rng(0, 0, 0))
+  ref = _pil_views(full, crops.draw_boxes(crops.example_rng(0, 0, 0), 427, 640, spec), 224)
+  for (top, left, h, w), r in zip(boxes, ref):
+    view = jax.image.scale_and_translate(
+        canvas.astype(np.float32), (224, 224, 3), (0, 1), np.array([224 / h, 224 / w]),
+        np.array([-top * 224 / h, -left * 224 / w]), "linear", antialias=True)
+    inner = np.abs(np.asarray(view) - r)[3:-3, 3:-3]   # away from the edges: the same filter
+    assert inner.max() <= CANVAS_MAX and np.abs(np.asarray(view) - r).max() > 3 * CANVAS_MAX
+
+
+def test_canvas_holds_the_boxes_rectangle_and_shrinks_larger_ones(tmp_path):
+  path = _photo(tmp_path)                                # 640 x 427
+  full = np.asarray(Image.open(path).convert("RGB"))
+  spec = crops.ViewSpec(num=2, size=32, scale=(0.2, 1.0))
+  canvas, boxes = _canvas(path, spec, 700, crops.example_rng(1, 2, 3))
+  original = crops.draw_boxes(crops.example_rng(1, 2, 3), 427, 640, spec)
+  top, left, bottom, right = _region(original)
+  np.testing.assert_array_equal(canvas[:bottom - top, :right - left], full[top:bottom, left:right])
+  assert not canvas[bottom - top:].any() and not canvas[:, right - left:].any()
+  assert boxes.dtype == np.float32 and boxes.shape == (2, 4)
+  np.testing.assert_array_equal(boxes, np.array(original) - [top, left, 0, 0])
+  # Boxes of the whole photo (no box of area 1 has a ratio other than the photo's 1.499, so
+  # torchvision falls back to the whole photo), 640 px wide in a 320 canvas: a half-size
+  # DCT-scaled decode, boxes halved with it.
+  whole = crops.ViewSpec(num=2, size=32, scale=(1.0, 1.0), ratio=(1.4, 1.6))
+  assert crops.draw_boxes(crops.example_rng(0, 0, 0), 427, 640, whole) == [(0, 0, 427, 640)] * 2
+  assert crops.fitted_size(640, 427, 320) == (320, 214)
+  small, halved = _canvas(path, whole, 320, crops.example_rng(0, 0, 0))
+  assert small[:214, :320].any(-1).mean() > 0.9 and not small[214:].any()
+  np.testing.assert_allclose(halved, [[0, 0, 214, 320]] * 2, rtol=1e-6)
+  assert crops.fitted_size(300, 1000, 500) == (150, 500)
+  assert crops.fitted_size(10, 5000, 500) == (1, 500)
+
+
+# A rectangle larger than the canvas is shrunk first, so its views are resized from fewer
+# pixels. Measured (both photos in a 400 canvas: the 12 of 20 examples whose boxes span more
+# than 400 px, rectangles shrunk to 0.62-0.95, against PIL on the full photo): mean |difference|
+# per view 0.9-2.5 of 255 on average, worst view 7.2. Bounds: 3.5 on average, 10 for any view
+# (boxes misplaced by a pixel, or padding read, are off by tens at edges).
+SHRUNK_MEAN, SHRUNK_WORST = 3.5, 10.0
+
+
+@pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
+def test_views_of_a_shrunk_rectangle_stay_close(tmp_path, name):
+  path = _photo(tmp_path, name)
+  full = Image.open(path).convert("RGB")
+  spec = crops.ViewSpec(num=2, size=224, scale=(0.08, 1.0))
+  errors = []
+  for i in range(20):
+    original = crops.draw_boxes(crops.example_rng(0, 0, i), 427, 640, spec)
+    top, left, bottom, right = _region(original)
+    if max(bottom - top, right - left) <= 400:
+      continue
+    canvas, boxes = _canvas(path, spec, 400, crops.example_rng(0, 0, i))
+    views = np.asarray(_resized(canvas[None], boxes[None], 224))[0]
+    errors += [np.abs(v - r).mean() for v, r in zip(views, _pil_views(full, original, 224))]
+  assert len(errors) >= 2 * 10
+  assert np.mean(errors) <= SHRUNK_MEAN and max(errors) <= SHRUNK_WORST, (
+      np.mean(errors), max(errors))
+
+
+def _canvas_cfg(root, **kw):
+  return _cfg(root, crops="canvas", canvas_size=360, **kw)
+
+
+def test_canvas_pipeline_resumes_bit_exactly_and_matches_host_views(tmp_path):
+  """The canvas batches' views are the host mode's views of the same records (views of 128
+  from photos of 200-350 px: never drafted, so the host's views are PIL's exactly)."""
+  root = _folder(tmp_path)
+  views = dict(num=2, size=128, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+  cfg = _canvas_cfg(root, views=views)
+  straight, _ = _batches(cfg, 5)
+  assert straight[0]["image"].shape == (4, 360, 360, 3) and straight[0]["image"].dtype == np.uint8
+  assert straight[0]["boxes"].shape == (4, 2, 4) and straight[0]["boxes"].dtype == np.float32
+  _, state = _batches(cfg, 2)
+  resumed, _ = _batches(cfg, 3, state)
+  cfg.worker_count = 1
+  workers, _ = _batches(cfg, 5)
+  for a, b in zip(straight[2:] + straight, resumed + workers):
+    for key in ("image", "boxes", "label"):
+      np.testing.assert_array_equal(a[key], b[key])
+  host, _ = _batches(_cfg(root, views=views), 5)
+  for c, h in zip(straight, host):
+    np.testing.assert_array_equal(c["label"], h["label"])
+    device = np.asarray(_resized(c["image"], c["boxes"], 128))
+    assert np.abs(device - h["image"]).max() <= CANVAS_MAX
+
+
+def test_canvas_config_errors(tmp_path):
+  root = _folder(tmp_path)
+  for size in (None, 16, 24.0, "500"):   # the views are 24 px
+    cfg = _cfg(root, crops="canvas", canvas_size=size)
+    with pytest.raises(ValueError, match=r"(?s)canvas_size.*at least the view size.*"
+                                         rf"got {re.escape(repr(size))}\. Set"):
+      pipeline.make_train_iterator(cfg, 4, seed=0, process_index=0, process_count=1)
+  cfg = ml_collections.ConfigDict(dict(name="digits", image_size=16, crops="canvas",
+                                       canvas_size=16, views=dict(num=2, size=8, scale=(0.2, 1.0),
+                                                                  ratio=(3 / 4, 4 / 3))))
+  with pytest.raises(ValueError, match="crops='canvas' crops the original images.*crops=device"):
+    pipeline.make_train_iterator(cfg, 4, seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="crops='canvas' needs config.data.views"):
+    pipeline.canvas_size(ml_collections.ConfigDict(dict(crops="canvas", canvas_size=500)))
+  assert pipeline.canvas_size(_cfg(root)) is None
+
+
+def test_moco_trains_on_a_canvas(tmp_path, monkeypatch):
+  """One MoCo step on photos shrunk into 64-px canvases, the views resized in the step."""
+  root = _folder(tmp_path, per_class=8)
+  (tmp_path / "images" / "test").symlink_to(tmp_path / "images" / "train")
+  c = _host_crop_config(demo_moco.get_config("tiny"), root, num=2)
+  c.data.crops, c.data.canvas_size = "canvas", 64
+  c.train.total_steps = 1
+  c.train.batch_size, c.model.bn_group_size = 16, 4
+  c.checkpoint.async_save = False
+  seen = step_spy.record_batches(monkeypatch, moco.MoCo)
+  loop.train_and_evaluate(c, str(tmp_path / "moco"))
+  assert seen and all(s == (np.uint8, (c.train.batch_size // 8, 64, 64, 3)) for s in seen), seen
+  records = common.read_metrics(str(tmp_path / "moco"))
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == 1 and np.isfinite(losses[0])
+  c.data.canvas_size = 8
+  with pytest.raises(ValueError, match="canvas_size"):
+    moco.MoCo(c).validate(8)
+  c.data.canvas_size = 64
+  c.nda.source = "image"
+  with pytest.raises(ValueError, match="crops='canvas' cuts from the original photo"):
+    moco.MoCo(c).validate(8)

@@ -3,9 +3,12 @@
 RECIPE is read off facebookresearch/moco colab/moco_cifar10_demo.ipynb: its
 argparse defaults (lr 0.06, 200 epochs, batch 512, wd 5e-4, moco-dim 128,
 K 4096, m 0.99, t 0.1, bn-splits 8, knn-k 200, knn-t 0.1), `args.cos = True`
-(the 82.6% row: 200 epochs, asymmetric loss), its SGD (momentum 0.9), its ResNet-18 (conv1 3x3 stride 1, no
-max-pool) and its train transform (RandomResizedCrop(32), flip 0.5,
-ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, no blur).
+applied per epoch by its adjust_learning_rate (the 82.6% row: 200 epochs,
+asymmetric loss), its SGD (momentum 0.9), its ResNet-18 (conv1 3x3 stride 1,
+no max-pool, `fc` a linear 512 -> 128), its Normalize (CIFAR-10's mean/std),
+its kNN monitor on `net(x)` (the 128-d output) and its train transform
+(RandomResizedCrop(32), flip 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8,
+grayscale 0.2, no blur).
 """
 import math
 import pickle
@@ -19,10 +22,12 @@ from configs import cifar10_moco
 from configs import demo_moco
 from configs import imagenet_linear
 from configs import imagenet_moco
+from nda_jax import images
 from nda_jax import optim
 from nda_jax import trainers
 from nda_jax.data import sources
 from nda_jax.trainers import loop
+from nda_jax.trainers import moco
 
 CIFAR_TRAIN = 50_000           # both CIFAR-10 and CIFAR-100
 RECIPE = {
@@ -35,17 +40,19 @@ RECIPE = {
     "model.stem": "cifar",
     "model.width": 64,
     "model.head_dim": 128,
+    "model.mlp_head": False,
     "model.bn_group_size": 512 // 8,
     "moco.queue_size": 4096,
     "moco.momentum": 0.99,
     "moco.temperature": 0.1,
+    "moco.monitor_features": "head",
     "optim.encoder.kind": "sgd",
     "optim.encoder.lr": 0.06,
     "optim.encoder.momentum": 0.9,
     "optim.encoder.nesterov": False,
     "optim.encoder.weight_decay": 5e-4,
     "optim.encoder.decoupled_wd": False,
-    "optim.encoder.schedule": "cosine",
+    "optim.encoder.schedule": "cosine_epochs",
     "optim.encoder.warmup_epochs": 0.0,
     "train.batch_size": 512,
     "train.num_epochs": 200,
@@ -94,6 +101,19 @@ def test_default_is_the_demo_recipe(dataset):
     else:
       assert c[key] == want, (key, c[key], want)
   assert c["data.name"] == dataset and c["data.num_classes"] == num_classes
+  assert c["model.input_norm"] == dataset
+
+
+@pytest.mark.parametrize("dataset, mean, std", [
+    ("cifar10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),   # the demo's Normalize
+    ("cifar100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))])
+def test_input_is_normalised_with_the_datasets_mean_and_std(dataset, mean, std):
+  """torchvision's ToTensor + Normalize(mean, std) of the uint8 image, in float64."""
+  c = MODULES[dataset][0].get_config()
+  u8 = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  got = images.normalize_input(c, images.to_float(u8))
+  want = (u8 / 255.0 - np.array(mean)) / np.array(std)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_nda_negatives_are_the_papers_as_the_other_moco_configs():
@@ -107,21 +127,22 @@ def test_variants_differ_only_where_they_should():
   assert diff(base, cifar10_moco.get_config("baseline")) == {"nda.enabled"}
   assert not cifar10_moco.get_config("baseline").nda.enabled
   v2 = cifar10_moco.get_config("v2")
-  assert diff(base, v2) == {"aug.scale", "aug.p_blur"}
+  assert diff(base, v2) == {"aug.scale", "aug.p_blur", "model.mlp_head"}
+  assert v2.model.mlp_head
   # MoCo-v2's aug+ (main_moco.py --aug-plus), as configs/imagenet_moco.py has it, at 32 px.
   aug_plus = flat(imagenet_moco.get_config().aug)
   aug_plus["crop_size"] = 32
   assert flat(v2.aug) == aug_plus
   assert flat(v2.aug)["scale"] == (0.2, 1.0) and v2.aug.p_blur == 0.5
   assert flat(v2.aug)["blur_sigma"] == (0.1, 2.0)
-  assert diff(base, cifar10_moco.get_config("v2,baseline")) == {"aug.scale", "aug.p_blur",
-                                                               "nda.enabled"}
+  assert diff(base, cifar10_moco.get_config("v2,baseline")) == {
+      "aug.scale", "aug.p_blur", "model.mlp_head", "nda.enabled"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cifar100_is_the_same_recipe(variant):
   assert diff(cifar10_moco.get_config(variant), cifar100_moco.get_config(variant)) == {
-      "data.name", "data.num_classes"}
+      "data.name", "data.num_classes", "model.input_norm"}
 
 
 @pytest.mark.parametrize("module", [cifar10_moco, cifar100_moco])
@@ -139,17 +160,29 @@ def test_passes_the_trainers_checks(dataset, variant):
   trainers.get_method(c, CIFAR_TRAIN).validate(1)
 
 
-def test_schedule_is_cosine_over_200_epochs_and_knn_every_epoch():
+def test_schedule_is_cosine_per_epoch_over_200_epochs_and_knn_every_epoch():
   c = cifar10_moco.get_config()
   method = trainers.get_method(c, CIFAR_TRAIN)
   assert method.steps_per_epoch == CIFAR_TRAIN // 512 == 97      # drop_last, as the demo's loader
   assert method.total_steps == 200 * 97
   assert c.evals.knn.every == c.checkpoint.every == method.steps_per_epoch
   lr = optim.learning_rate_schedule(c.optim.encoder, steps_per_epoch=97, total_steps=19400)
-  steps = np.array([0, 97, 9700, 19399])
-  want = 0.06 * 0.5 * (1 + np.cos(np.pi * steps / 19400))        # the demo's --cos, per step
+  steps = np.array([0, 96, 97, 193, 9700, 9796, 19399])
+  epochs = steps // 97
+  want = 0.06 * 0.5 * (1 + np.cos(np.pi * epochs / 200))   # adjust_learning_rate at each epoch
   np.testing.assert_allclose(np.asarray(lr(steps)), want, rtol=1e-6, atol=1e-9)
-  assert math.isclose(float(lr(9700)), 0.03, rel_tol=1e-6)
+  assert math.isclose(float(lr(9796)), 0.03, rel_tol=1e-6)
+
+
+def test_imagenet_cosine_is_main_mocos_per_epoch_curve():
+  """main_moco.py --cos: lr * 0.5 * (1 + cos(pi * epoch / 200)), constant within an epoch."""
+  c = imagenet_moco.get_config()
+  spe = 1_281_167 // c.train.batch_size
+  lr = optim.learning_rate_schedule(c.optim.encoder, steps_per_epoch=spe, total_steps=200 * spe)
+  epochs = np.array([0, 1, 50, 100, 199])
+  want = 0.03 * 0.5 * (1 + np.cos(np.pi * epochs / 200))
+  for offset in (0, spe - 1):   # (atol: float32's cosine near pi, 2e-10 measured at epoch 199)
+    np.testing.assert_allclose(np.asarray(lr(epochs * spe + offset)), want, rtol=1e-6, atol=1e-9)
 
 
 def test_lincls_schedule_drops_at_epochs_60_and_80_of_100():
@@ -198,6 +231,28 @@ def test_data_section_reads_cifar_and_state_has_the_recipes_shapes(dataset, tmp_
   stem = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(backbone)
           if len(leaf.shape) == 4 and leaf.shape[2] == 3]
   assert stem == [(3, 3, 3, 64)]                                  # the CIFAR stem's 3x3 conv
-  # The trainer's head is MoCo-v2's MLP (512-512-128), not the demo's linear 512 -> 128.
-  assert head["hidden"]["kernel"].shape == (512, 512)
-  assert head["output"]["kernel"].shape == (512, 128)
+  assert jax.tree.map(lambda x: x.shape, head) == {"kernel": (512, 128), "bias": (128,)}
+  v2 = trainers.get_method(MODULES[dataset][0].get_config("v2"), CIFAR_TRAIN)
+  head = jax.eval_shape(v2.init_state, jax.random.PRNGKey(0)).params["head"]
+  assert jax.tree.map(lambda x: x.shape, head) == {                # MoCo-v2's MLP 512-512-128
+      "hidden": {"kernel": (512, 512), "bias": (512,)},
+      "output": {"kernel": (512, 128), "bias": (128,)}}
+
+
+@pytest.mark.parametrize("mlp_head", [False, True])
+def test_knn_monitor_reads_the_head_outputs(mlp_head):
+  """monitor_features='head': embed_fn gives the encoder's projection (the demo's net(x)),
+  'backbone' the pooled features, both of the same forward pass on centre crops."""
+  c = cifar10_moco.get_config()
+  c.model.width, c.model.mlp_head = 8, mlp_head
+  encoder = moco.build_encoder(c)
+  u8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  x = images.normalize_input(c, images.to_float(u8))
+  variables = encoder.init(jax.random.PRNGKey(0), x, train=False)
+  pooled, projection = encoder.apply(variables, x, train=False)
+  head = moco.make_embedder(c, features="head")(variables, u8)
+  backbone = moco.make_embedder(c, features="backbone")(variables, u8)
+  assert head.shape == (3, 128) and backbone.shape == (3, 64)
+  # The jitted embedder vs the op-by-op apply: float32 rounding, 1.7e-6 measured on values ~1.
+  np.testing.assert_allclose(np.asarray(head), np.asarray(projection), rtol=0, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(backbone), np.asarray(pooled), rtol=0, atol=2e-5)

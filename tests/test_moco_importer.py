@@ -5,6 +5,8 @@ module names and semantics (v1.5 bottleneck, `downsample` = conv + BN, BN eps
 1e-5) and MoCo-v2's MLP head `fc = Sequential(Linear, ReLU, Linear)`;
 torchvision itself is not importable next to the CPU torch wheel here.
 """
+import copy
+
 import numpy as np
 import pytest
 
@@ -151,6 +153,22 @@ def test_eval_outputs_match_pytorch(case):
                                           prefix="module.encoder_k.")
   np.testing.assert_array_equal(key_vars["params"]["head"]["output"]["bias"],
                                 np.asarray(variables["params"]["head"]["output"]["bias"]) + 1)
+
+
+def test_moco_v1_linear_head_converts(case):
+  """MoCo v1 / the CIFAR demo: `fc` one Linear(F, dim) -> MocoEncoder(mlp_head=False)."""
+  model, encoder, images = case
+  model = copy.deepcopy(model)
+  model.fc = _randomize(tnn.Linear(model.fc[0].in_features, 24), seed=3)
+  sd = {Q + k: v.numpy().copy() for k, v in model.state_dict().items()}
+  v1 = encoder.clone(mlp_head=False)
+  variables = moco_pytorch.convert_encoder(sd, v1)
+  features, projection = jax.jit(lambda x: v1.apply(variables, x, train=False))(images)
+  want_features, want_projection = _torch_outputs(model, images)
+  _assert_close(features, want_features)
+  _assert_close(projection, want_projection)
+  with pytest.raises(ValueError, match="fc"):   # An MLP head does not fit a linear one.
+    moco_pytorch.convert_encoder(_moco_state_dict(case[0]), v1)
 
 
 def test_lincls_state_dict_converts_into_the_backbone(case):

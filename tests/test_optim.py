@@ -174,6 +174,31 @@ def test_constant_schedule_with_warmup_and_boundaries_on_one_step():
   np.testing.assert_allclose(np.asarray(schedule(np.array([3, 4, 11]))), [1.0, 0.25, 0.25])
 
 
+def test_cosine_epochs_schedule_is_set_once_per_epoch_after_warmup():
+  """main_moco's adjust_learning_rate (--cos): lr * 0.5 * (1 + cos(pi * e / E)), e the epoch
+  counted from the warmup's end, constant within it."""
+  lr, spe, total, warmup = 0.5, 10, 100, 20
+  cfg = config("sgd", lr=lr, schedule="cosine_epochs", warmup_epochs=2.0)
+  schedule = optim.learning_rate_schedule(cfg, steps_per_epoch=spe, total_steps=total)
+  steps = np.array([0, 1, 19, 20, 21, 29, 30, 59, 60, 99])
+  epochs_after = (total - warmup) // spe
+  closed = [lr * t / warmup if t < warmup
+            else lr * 0.5 * (1 + math.cos(math.pi * ((t - warmup) // spe) / epochs_after))
+            for t in steps]
+  np.testing.assert_allclose(np.asarray(schedule(steps)), closed, rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_epochs_schedule_drives_the_update():
+  cfg = config("sgd", lr=0.4, momentum=0.0, schedule="cosine_epochs")
+  params = make_params()
+  _, updates = run_optax(optim.build(cfg, steps_per_epoch=2, total_steps=8), params, num_steps=4)
+  p = params["head"]["w"]
+  for t, u in enumerate(updates):
+    lr = 0.4 * 0.5 * (1 + math.cos(math.pi * (t // 2) / 4))
+    np.testing.assert_allclose(u["head"]["w"], -lr * grad_of(p), rtol=1e-5, atol=1e-7)
+    p = p + u["head"]["w"]
+
+
 def test_schedule_drives_the_update():
   cfg = config("sgd", lr=0.4, momentum=0.0, schedule="cosine", warmup_epochs=0.5)
   spe, total = 4, 8
@@ -255,7 +280,7 @@ def test_lr_mults_on_a_locked_config_from_the_command_line():
 @pytest.mark.parametrize("overrides,pattern", [
     (dict(kind="rmsprop"), r"config\.optim\.encoder\.kind='rmsprop' .*\('adam', 'sgd'\)"),
     (dict(schedule="linear"),
-     r"config\.optim\.encoder\.schedule='linear' .*\('constant', 'cosine', 'steps'\)"),
+     r"config\.optim\.encoder\.schedule='linear' .*\('constant', 'cosine', 'cosine_epochs', 'steps'\)"),
     (dict(lr=0.0), r"config\.optim\.encoder\.lr=0\.0 must be > 0"),
     (dict(weight_decay=-1e-4), r"config\.optim\.encoder\.weight_decay=-0\.0001 must be >= 0"),
     (dict(momentum=1.0), r"config\.optim\.encoder\.momentum=1\.0 must be in \[0, 1\)"),

@@ -1,11 +1,15 @@
 """Video sources: UCF-101 / HMDB-51 frame folders with official split files, moving digits."""
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from nda_jax.augment import positive
 from nda_jax.data import digits
+from nda_jax.data import image_folder
 from nda_jax.data import pipeline
 from nda_jax.data import sources
 from nda_jax.data import video_frames
@@ -276,6 +280,55 @@ def test_pipeline_batches(ucf):
   data = pipeline.make_eval_iterator(cfg, "test", 2, process_index=0, process_count=1)
   images = np.concatenate([b["image"][b["mask"]] for b in data])
   np.testing.assert_array_equal(images, np.stack([source[i]["image"] for i in range(len(source))]))
+
+
+def test_frame_width_keeps_the_whole_frame(ucf):
+  """DPC's frames are 320x240 and its crops are drawn from all of it: image_size x frame_width
+  = the frames' own 12 x 16 decodes each frame whole, without a resize (the file's pixels)."""
+  cfg = _cfg("ucf101", ucf, image_size=12, frame_width=16)
+  source = sources.make_source(cfg, "test")
+  assert source.element_shape == (T, 12, 16, 3)
+  example = source[0]
+  folder = ucf / "frames" / source.videos[source.video_index(0)].name
+  want = np.stack([np.asarray(Image.open(video_frames.frame_path(str(folder), int(f))).convert("RGB"))
+                   for f in source.frame_indices(0)])
+  np.testing.assert_array_equal(example["image"], want)
+  assert "frame_width=16" in repr(source) and "frame_width" not in repr(
+      sources.make_source(_cfg("ucf101", ucf), "test"))   # a square source reads as before
+
+
+@pytest.mark.parametrize("size, want_resize, want_box", [
+    ((20, 12), None, (2, 0, 18, 12)),           # wider: the central 16 columns, no resize
+    ((16, 12), None, (0, 0, 16, 12)),           # the frame itself
+    ((12, 16), (16, 21), (0, 4, 16, 16)),       # portrait: width to 16 (height 21.3 -> 21), central 12 rows
+    ((32, 24), (16, 12), (0, 0, 16, 12)),       # larger: shorter side to 12 (resize_size)
+])
+def test_center_crop_resize_to_a_frame_shape(size, want_resize, want_box):
+  """The whole frame where it fits: shorter side to resize_size (or more, for the width),
+  then the central image_size x width; the same PIL calls written out by hand."""
+  rng = np.random.default_rng(0)
+  image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+  got = image_folder.center_crop_resize(image, 12, 12, width=16)
+  want = image if want_resize is None else image.resize(want_resize, Image.Resampling.BICUBIC)
+  np.testing.assert_array_equal(got, np.asarray(want.crop(want_box)))
+  assert got.shape == (12, 16, 3)
+
+
+def test_dpc_crops_are_drawn_from_the_whole_width():
+  """DPC's RandomCrop(224) of a 320x240 frame: the crop's left edge is uniform on 0..96, so
+  every column is seen (a centre 240x240 host crop made 0..16 of the middle only)."""
+  ramp = np.broadcast_to(np.arange(320, dtype=np.float32)[None, None, None, :, None],
+                         (256, 1, 240, 320, 3))
+  keys = jax.random.split(jax.random.PRNGKey(0), 256)
+  views = positive.dpc_aug_video(keys, jnp.asarray(ramp / 319 * 2 - 1), 224, crop_size=224,
+                                 jitter=(0.0, 0.0, 0.0, 0.0), p_gray=0.0, p_flip=0.0)
+  left = np.round((np.asarray(views[:, 0, 0, 0, 0]) + 1) / 2 * 319).astype(int)
+  assert left.min() >= 0 and left.max() <= 96
+  # Uniform on the 97 offsets: each third of the range holds 1/3 of 256 draws (binomial
+  # sd 7.5; 4 sd bound), and both ends are reached.
+  counts = np.histogram(left, bins=[0, 33, 65, 97])[0]
+  assert np.all(np.abs(counts - 256 / 3) < 4 * 7.5), counts
+  assert left.min() <= 4 and left.max() >= 92
 
 
 # ---------------------------------------------------------------- moving digits

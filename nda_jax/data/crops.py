@@ -19,6 +19,31 @@ with a margin of 1 instead of 2: 1.5-4.6). At full scale a view is exactly
 PIL's crop-then-resize, as torchvision's. For ImageNet photos and 224 views
 the reduction needs boxes of 896 px and up, so most decode at full scale.
 
+Canvas (`data.crops = 'canvas'`, `decode_canvas`): the host only decodes.
+The smallest rectangle of the photo holding all the example's boxes goes at
+the top-left of a zero uint8 [C, C, 3] canvas, beside the boxes, float32
+[num, 4] (top, left, height, width in canvas pixels), and the train step
+resizes each box on the device (images.resized_crops: PIL's BILINEAR
+crop-then-resize, within PIL's uint8 rounding of 1/255). The host's BILINEAR
+resizes cost more than the decode (README, "Measured"); this mode leaves them
+to the accelerator. The boxes are `draw_boxes` on the original shape, with
+the same seeds, so they are the host mode's boxes. A rectangle that fits is
+copied exactly (never drafted). One larger than C on either side is shrunk
+on the host to fit (aspect kept; a JPEG first through `Image.draft` by the
+largest DCT reduction that keeps it at least that size, then PIL BILINEAR)
+with its boxes scaled alike: its views are resized from fewer pixels
+(measured on scikit-learn's 640x427 photos in a 400 canvas, rectangles shrunk
+to 0.62-0.95: mean |difference| 0.9-2.5 of 255 from torchvision's view), and
+the shrink costs the host more than the decode (1.4x for these photos). The default C=500 is
+the longer side of most ImageNet photos (500x375, 500x333, 375x500: Flickr's
+500-px size), so those always fit; only larger photos (not counted here:
+surveys of the train set find them up to 2592x3888) can need a shrink, when
+their boxes span more than 500 px (e.g. for 800x600 photos 93% of MoCo's box
+pairs and 46% of the linear probe's single boxes, by draw_boxes). Bytes per
+example to the device: C*C*3 + 16*num = 750,032 at C=500 with two views,
+against 301,056 for two 224x224 host views (2.5x; 5x for the linear probe's
+one view).
+
 Randomness: the boxes of an example come from NumPy's Philox seeded with
 (seed, epoch, record index) only, so a restored pipeline position yields the
 same views, any worker count gives the same views, and a record's boxes
@@ -136,3 +161,49 @@ def decode_views(path: str, spec: ViewSpec, rng: np.random.Generator,
   except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
     raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
                      "corrupt or not an image.") from e
+
+
+def fitted_size(width: int, height: int, canvas: int) -> tuple[int, int]:
+  """(w, h) of a width x height image shrunk, aspect kept, to fit a canvas x canvas square."""
+  if max(width, height) <= canvas:
+    return width, height
+  scale = canvas / max(width, height)
+  return (min(canvas, max(1, round(width * scale))),
+          min(canvas, max(1, round(height * scale))))
+
+
+def decode_canvas(path: str, spec: ViewSpec, rng: np.random.Generator,
+                  out: np.ndarray) -> np.ndarray:
+  """Reads one image file into the zero canvas `out` (uint8 [C, C, 3]) -> float32
+  [spec.num, 4] boxes (top, left, height, width) in canvas pixels.
+
+  The boxes are drawn on the original shape; the canvas holds the smallest
+  rectangle of the photo that contains them all, at its top-left: exactly,
+  or shrunk to fit when it is larger than C on either side.
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      boxes = np.asarray(draw_boxes(rng, height, width, spec), np.float64)
+      top, left = boxes[:, 0].min(), boxes[:, 1].min()
+      bottom, right = (boxes[:, 0] + boxes[:, 2]).max(), (boxes[:, 1] + boxes[:, 3]).max()
+      region = (int(left), int(top), int(right), int(bottom))
+      size = (region[2] - region[0], region[3] - region[1])
+      fit = fitted_size(*size, out.shape[0])
+      if fit == size:
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = np.asarray(image)[region[1]:region[3], region[0]:region[2]]
+      else:
+        image.draft("RGB", (math.ceil(width * fit[0] / size[0]),
+                            math.ceil(height * fit[1] / size[1])))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        sx, sy = image.width / width, image.height / height   # the drafted scale
+        pixels = np.asarray(image.resize(fit, Image.Resampling.BILINEAR, box=(
+            region[0] * sx, region[1] * sy, region[2] * sx, region[3] * sy)))
+  except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
+    raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
+                     "corrupt or not an image.") from e
+  out[:fit[1], :fit[0]] = pixels
+  boxes -= [top, left, 0, 0]
+  boxes *= [fit[1] / size[1], fit[0] / size[0]] * 2
+  return boxes.astype(np.float32)

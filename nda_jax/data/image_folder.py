@@ -18,24 +18,27 @@ HOWTO = ("Expected layout ROOT/<split>/<class>/*.JPEG (e.g. ImageNet train/ and 
          "--config.data.data_dir=ROOT.")
 
 
-def center_crop_resize(image: Image.Image, image_size: int,
-                       resize_size: int | None = None) -> np.ndarray:
-  """PIL image -> uint8 [image_size, image_size, 3].
+def center_crop_resize(image: Image.Image, image_size: int, resize_size: int | None = None,
+                       width: int | None = None) -> np.ndarray:
+  """PIL image -> uint8 [image_size, width (default image_size), 3].
 
   Shorter side resized to `resize_size` (default `image_size`) with PIL's
-  antialiased bicubic filter, then the central square crop.
+  antialiased bicubic filter (further if the output's width needs it), then
+  the central crop.
   """
   resize_size = resize_size or image_size
+  width = width or image_size
   if resize_size < image_size:
     raise ValueError(f"resize_size {resize_size} < image_size {image_size}.")
   image = image.convert("RGB")
   w, h = image.size
-  scale = resize_size / min(w, h)
-  new_w, new_h = max(resize_size, round(w * scale)), max(resize_size, round(h * scale))
+  scale = max(resize_size / min(w, h), width / w)
+  new_w = max(resize_size, width, round(w * scale))
+  new_h = max(resize_size, round(h * scale))
   if (new_w, new_h) != (w, h):
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-  left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-  image = image.crop((left, top, left + image_size, top + image_size))
+  left, top = (new_w - width) // 2, (new_h - image_size) // 2
+  image = image.crop((left, top, left + width, top + image_size))
   return np.asarray(image, np.uint8)
 
 
@@ -83,12 +86,13 @@ def list_images(root: str, split: str,
   return paths, np.asarray(labels, np.int32), classes
 
 
-def decode(path: str, image_size: int, resize_size: int | None = None) -> np.ndarray:
-  """Reads one image file -> uint8 [image_size, image_size, 3]."""
+def decode(path: str, image_size: int, resize_size: int | None = None,
+           width: int | None = None) -> np.ndarray:
+  """Reads one image file -> uint8 [image_size, width (default image_size), 3]."""
   try:
     with Image.open(path) as image:
-      image.draft("RGB", (resize_size or image_size,) * 2)  # fast JPEG downscale
-      return center_crop_resize(image, image_size, resize_size)
+      image.draft("RGB", (max(resize_size or image_size, width or 0),) * 2)  # fast JPEG downscale
+      return center_crop_resize(image, image_size, resize_size, width)
   except (OSError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
     raise ValueError(f"Cannot decode image {path!r} ({e!r}); the file is "
                      "corrupt or not an image.") from e

@@ -15,9 +15,12 @@ one global jax.Array is parallel.py's job.
 Random crops (`cfg.crops`): 'device' (the default) leaves them to the
 trainer, which crops the decoded example; 'host' (image folders) makes
 `cfg.views` = {num, size, scale, ratio} RandomResizedCrops of the original
-image per training example (crops.py), uint8 [num, size, size, 3], drawn from
-(seed, epoch, record index) so a restored position and any worker count give
-the same views. Eval splits are decoded as always.
+image per training example (crops.py), uint8 [num, size, size, 3]; 'canvas'
+(image folders) ships the decoded photo (the part holding the views' boxes)
+in a uint8 [C, C, 3] canvas (C = `cfg.canvas_size`) with the boxes, 'boxes'
+float32 [num, 4], and the trainer resizes them on device. Boxes are drawn from (seed, epoch, record
+index), so a restored position and any worker count give the same views.
+Eval splits are decoded as always.
 
 Eval: one deterministic pass over a split; the last batch is padded and
 `mask` marks real examples, so every example counts exactly once and every
@@ -72,27 +75,34 @@ def _worker_count(cfg: ml_collections.ConfigDict) -> int:
   return count
 
 
-def _check_batch(batch: Batch, size: int, shape: tuple[int, ...]) -> Batch:
+def _check_batch(batch: Batch, size: int, shape: tuple[int, ...],
+                 boxes: int | None = None) -> Batch:
   chex.assert_shape(batch["image"], (size, *shape))
   chex.assert_type(batch["image"], np.uint8)
   chex.assert_shape(batch["label"], (size,))
   chex.assert_type(batch["label"], np.int32)
+  if boxes is not None:
+    chex.assert_shape(batch["boxes"], (size, boxes, 4))
+    chex.assert_type(batch["boxes"], np.float32)
   return batch
 
 
 class TrainIterator(Iterator[Batch]):
-  """Yields {'image': uint8 [b, *element_shape], 'label': int32 [b]}."""
+  """Yields {'image': uint8 [b, *element_shape], 'label': int32 [b]}, and with a canvas
+  'boxes': float32 [b, num_boxes, 4]."""
 
   def __init__(self, dataset: grain.IterDataset, source: sources.Source, batch_size: int,
-               element_shape: tuple[int, ...]):
+               element_shape: tuple[int, ...], num_boxes: int | None = None):
     self._iter = iter(dataset)
     self.source = source
     self.batch_size = batch_size
     self.num_classes = source.num_classes
     self.element_shape = tuple(element_shape)
+    self.num_boxes = num_boxes
 
   def __next__(self) -> Batch:
-    return _check_batch(next(self._iter), self.batch_size, self.element_shape)
+    return _check_batch(next(self._iter), self.batch_size, self.element_shape,
+                        self.num_boxes)
 
   def get_state(self) -> bytes:
     """Position in the stream (JSON bytes), for the checkpoint."""
@@ -135,45 +145,75 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, global_batch_size: int,
     raise ValueError(f"{source!r} gives each of {process_count} processes fewer "
                      f"than one batch of {batch_size} per epoch.")
   start = process_index * per_process
-  spec = view_spec(cfg)
+  spec, canvas = view_spec(cfg), canvas_size(cfg)
   if spec is None:
     dataset = grain.MapDataset.source(source)[start:start + per_process]
   else:
     if not hasattr(source, "views"):
-      raise ValueError(f"config.data.crops='host' crops the original images of an image "
-                       f"folder; {source!r} holds decoded arrays: use "
+      raise ValueError(f"config.data.crops={cfg.crops!r} crops the original images of an "
+                       f"image folder; {source!r} holds decoded arrays: use "
                        "--config.data.crops=device.")
     dataset = grain.MapDataset.range(start, start + per_process)
   dataset = dataset.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
-  if spec is not None:
-    dataset = dataset.map_with_index(_HostViews(source, spec, seed, per_process))
-  dataset = (dataset.batch(batch_size, drop_remainder=True)
-             .to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("read_threads", 1),
-                                                prefetch_buffer_size=2)))
   workers = _worker_count(cfg)
+  read = grain.ReadOptions(num_threads=cfg.get("read_threads", 1), prefetch_buffer_size=2)
+  if canvas is not None:   # whole batches decoded into one array: no per-image canvas to stack
+    dataset = dataset.map_with_index(_positioned).batch(batch_size, drop_remainder=True)
+    decode = _CanvasBatch(source, spec, seed, per_process, canvas, shared=workers > 0)
+    # Worker processes decode in their own loop, straight into the shared memory that
+    # carries the batch to this process (else grain copies it there).
+    dataset = (dataset.to_iter_dataset(read).map(decode) if workers
+               else dataset.map(decode).to_iter_dataset(read))
+  else:
+    if spec is not None:
+      dataset = dataset.map_with_index(_HostViews(source, spec, seed, per_process))
+    dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(read)
   if workers:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  if canvas is not None:
+    return TrainIterator(dataset, source, batch_size, (canvas, canvas, 3), spec.num)
   return TrainIterator(dataset, source, batch_size,
                        source.element_shape if spec is None else spec.shape)
 
 
-CROPS = ("device", "host")
+CROPS = ("device", "host", "canvas")
 
 
-def view_spec(cfg: ml_collections.ConfigDict) -> crops.ViewSpec | None:
-  """The host crops of `cfg` (data config), None when the trainer crops on device."""
+def _crops(cfg: ml_collections.ConfigDict) -> str:
   where = cfg.get("crops", "device")
   if where not in CROPS:
     raise ValueError(f"config.data.crops={where!r}; valid choices: {CROPS}.")
+  return where
+
+
+def view_spec(cfg: ml_collections.ConfigDict) -> crops.ViewSpec | None:
+  """The views cut from the original photo ('host' or 'canvas' crops of `cfg`, the data
+  config), None when the trainer crops the decoded image on device."""
+  where = _crops(cfg)
   if where == "device":
     return None
   views = cfg.get("views")
   if views is None:
-    raise ValueError("config.data.crops='host' needs config.data.views "
+    raise ValueError(f"config.data.crops={where!r} needs config.data.views "
                      "(num, size, scale, ratio).")
   return crops.ViewSpec(num=int(views.num), size=int(views.size),
                         scale=tuple(float(v) for v in views.scale),
                         ratio=tuple(float(v) for v in views.ratio))
+
+
+def canvas_size(cfg: ml_collections.ConfigDict) -> int | None:
+  """C of `cfg.crops='canvas'` (photos shipped in C x C with their boxes), else None."""
+  if _crops(cfg) != "canvas":
+    return None
+  spec, size = view_spec(cfg), cfg.get("canvas_size")
+  if not isinstance(size, int) or isinstance(size, bool) or size < spec.size:
+    raise ValueError(f"config.data.crops='canvas' ships each photo in a canvas of "
+                     f"config.data.canvas_size pixels a side, which must be an integer of at "
+                     f"least the view size config.data.views.size={spec.size} (photos "
+                     f"larger than the canvas are shrunk to fit); got {size!r}. Set e.g. "
+                     "--config.data.canvas_size=500 (ImageNet's photos are mostly 500 px on "
+                     "the longer side).")
+  return size
 
 
 class _HostViews:
@@ -186,6 +226,39 @@ class _HostViews:
   def __call__(self, position: int, index: int) -> Batch:
     rng = crops.example_rng(self._seed, position // self._per_epoch, index)
     return self._source.views(int(index), self._spec, rng)
+
+
+def _positioned(position: int, index: int) -> np.ndarray:
+  return np.array([position, index], np.int64)
+
+
+class _CanvasBatch:
+  """[b, 2] (position in the stream, record index) -> the batch's photos in canvases, their
+  boxes in that epoch and labels; `shared`: the canvases in grain's shared memory (a worker
+  process's output, unlinked by the process that receives it)."""
+
+  def __init__(self, source: sources.ImageFolderSource, spec: crops.ViewSpec, seed: int,
+               per_epoch: int, canvas: int, shared: bool = False):
+    self._source, self._spec, self._seed, self._per_epoch = source, spec, seed, per_epoch
+    self._canvas, self._shared = canvas, shared
+
+  def __call__(self, records: np.ndarray) -> Batch:
+    n, c = len(records), self._canvas
+    shape = (n, c, c, 3)
+    images = (grain.multiprocessing.SharedMemoryArray(shape, np.uint8) if self._shared
+              else np.zeros(shape, np.uint8))   # both start as zeros
+    batch = {"image": images, "boxes": np.empty((n, self._spec.num, 4), np.float32),
+             "label": np.empty(n, np.int32)}
+    try:
+      for j, (position, index) in enumerate(records):
+        rng = crops.example_rng(self._seed, position // self._per_epoch, index)
+        batch["boxes"][j], batch["label"][j] = self._source.canvas(
+            int(index), self._spec, rng, images[j])
+    except BaseException:
+      if self._shared:
+        images.unlink_on_del()   # nobody receives it
+      raise
+    return batch
 
 
 class _EvalBatches:

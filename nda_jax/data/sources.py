@@ -102,6 +102,12 @@ class ImageFolderSource:
     return {"image": crops.decode_views(self._paths[index], spec, rng),
             "label": self._labels[index]}
 
+  def canvas(self, index: int, spec: crops.ViewSpec, rng: np.random.Generator,
+             out: np.ndarray) -> tuple[np.ndarray, np.int32]:
+    """Example `index`'s photo written into the zero canvas `out` [C, C, 3]; its
+    `spec.num` boxes in canvas pixels and its label (crops.py)."""
+    return crops.decode_canvas(self._paths[index], spec, rng, out), self._labels[index]
+
   def __repr__(self) -> str:
     return f"ImageFolderSource({self._desc}, n={len(self)})"
 
@@ -240,7 +246,7 @@ def _video_frames(name):
         frame_stride=cfg.get("frame_stride", 1), split_number=cfg.get("split_number", 1),
         splits_dir=cfg.get("splits_dir"), resize_size=cfg.get("resize_size"),
         clips_per_video=cfg.get("clips_per_video", 1), clip_seed=cfg.get("clip_seed", 0),
-        val_fraction=cfg.get("val_fraction", 0.0))
+        val_fraction=cfg.get("val_fraction", 0.0), frame_width=cfg.get("frame_width"))
   return factory
 
 

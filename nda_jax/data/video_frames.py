@@ -50,9 +50,13 @@ examples with independent starts (an epoch of the source is K passes over
 the videos; a large K comes close to DPC's fresh start at every visit).
 
 Frames are decoded with PIL, the shorter side resized to `resize_size`
-(default `image_size`) and center-cropped to a square of `image_size`, the
-same crop for every frame (image_folder.decode); random crops, flips and
-colour jitter are on-device augmentations. Nothing is downloaded.
+(default `image_size`) and center-cropped to `image_size` x `frame_width`
+(default: a square of `image_size`), the same crop for every frame
+(image_folder.decode); random crops, flips and colour jitter are on-device
+augmentations. DPC's UCF-101 / HMDB-51 frames are 320x240 (shorter side 240),
+and its RandomCrop(224) is drawn from the whole frame: the DPC configs keep it
+(image_size 240, frame_width 320; the few wider HMDB-51 frames lose the columns
+beyond the central 320, which DPC's crops could reach). Nothing is downloaded.
 """
 import dataclasses
 import os
@@ -285,7 +289,7 @@ def random_start(length: int, num_frames: int, frame_stride: int, seed: int,
 
 
 class VideoFramesSource:
-  """Clips uint8 [T, S, S, 3] of UCF-101 / HMDB-51 frame folders (see the top).
+  """Clips uint8 [T, image_size, frame_width, 3] of UCF-101 / HMDB-51 frame folders (see the top).
 
   Examples: {'image', 'label': int32 class, 'video': int32 index into `videos`}.
   """
@@ -293,14 +297,16 @@ class VideoFramesSource:
   def __init__(self, dataset: str, data_dir: str, split: str, *, num_frames: int,
                image_size: int, frame_stride: int = 1, split_number: int = 1,
                splits_dir: str | None = None, resize_size: int | None = None,
-               clips_per_video: int = 1, clip_seed: int = 0, val_fraction: float = 0.0):
+               clips_per_video: int = 1, clip_seed: int = 0, val_fraction: float = 0.0,
+               frame_width: int | None = None):
     if dataset not in DATASETS:
       raise ValueError(f"Unknown video dataset {dataset!r}; choose one of {DATASETS}.")
     if split_number not in SPLIT_NUMBERS:
       raise ValueError(f"{dataset} has official splits {SPLIT_NUMBERS}; got "
                        f"split_number={split_number!r}.")
     for key, value in (("num_frames", num_frames), ("frame_stride", frame_stride),
-                       ("clips_per_video", clips_per_video), ("image_size", image_size)):
+                       ("clips_per_video", clips_per_video), ("image_size", image_size),
+                       ("frame_width", frame_width or image_size)):
       if value < 1:
         raise ValueError(f"{key} must be >= 1, got {value}.")
     which, sampling = parse_split(split)
@@ -313,8 +319,8 @@ class VideoFramesSource:
     self._clip = (num_frames, frame_stride)
     self._seed = clip_seed
     self._data_dir = data_dir
-    self._size = (image_size, resize_size)
-    self.element_shape = (num_frames, image_size, image_size, 3)
+    self._size = (image_size, resize_size, frame_width)
+    self.element_shape = (num_frames, image_size, frame_width or image_size, 3)
     if sampling == "dense":
       starts = [dense_starts(v.num_frames, num_frames, frame_stride) for v in self.videos]
       self._video = np.repeat(np.arange(len(self.videos)), [len(s) for s in starts])
@@ -322,9 +328,10 @@ class VideoFramesSource:
     else:
       self._video = np.repeat(np.arange(len(self.videos)), clips_per_video)
       self._start = None
-    # val_fraction only when set: grain compares this at restore, and runs from
-    # before it existed must resume.
+    # val_fraction and frame_width only when set: grain compares this at restore, and
+    # a source without them is the same source.
     held_out = f"val_fraction={val_fraction}, " if val_fraction else ""
+    held_out += f"frame_width={frame_width}, " if frame_width else ""
     self._desc = (f"{dataset}, split={which}:{sampling}, split_number={split_number}, "
                   f"num_frames={num_frames}, frame_stride={frame_stride}, "
                   f"image_size={image_size}, resize_size={resize_size}, "

@@ -6,7 +6,9 @@ Accepted checkpoints (read with `load_checkpoint`, converted with `convert_encod
   MLP head as `fc.0` / `fc.2`), `module.encoder_k.*` and `module.queue`. The
   default prefix 'module.encoder_q.' converts the query encoder into a
   `MocoEncoder` (backbone + head); the key encoder (prefix 'module.encoder_k.')
-  converts the same way; the queue is not part of an encoder.
+  converts the same way; the queue is not part of an encoder. MoCo v1's
+  checkpoints (`moco_v1_200ep_pretrain.pth.tar`) hold a linear `fc` head: import
+  them with `--config.model.mlp_head=False`.
 - torchvision-style ResNet state_dicts: main_lincls.py's output (prefix
   'module.') or a torchvision model's (prefix ''). Their `fc` is a linear
   classifier, not the MoCo head, so they convert into a bare `ResNet` (an

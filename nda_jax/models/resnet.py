@@ -154,22 +154,28 @@ class ResNet(nn.Module):
 
 
 class MocoEncoder(nn.Module):
-  """MoCo-v2's encoder: `backbone`, then the MLP head Dense(F) - ReLU - Dense(head_dim).
+  """MoCo's encoder: `backbone`, then the head: MoCo-v2's MLP Dense(F) - ReLU - Dense(head_dim)
+  (main_moco's --mlp), or MoCo v1's one Dense(head_dim) (`mlp_head=False`).
 
-  F is the backbone's feature dim (2048-2048-128 for ResNet-50, as main_moco's
-  --mlp; no BN in the head). Returns (pooled features, projection), both
-  float32; the projection is not normalised (the loss does it). Params:
-  'backbone' and 'head' ('hidden', 'output': torch `fc.0`, `fc.2`).
+  F is the backbone's feature dim (2048-2048-128 for ResNet-50; no BN in the
+  head). Returns (pooled features, projection), both float32; the projection
+  is not normalised (the loss does it). Params: 'backbone' and 'head' (MLP:
+  'hidden', 'output', torch `fc.0`, `fc.2`; linear: the Dense itself, torch `fc`).
   """
   backbone: ResNet
   head_dim: int = 128
+  mlp_head: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
                groups: BNGroups | None = None) -> tuple[jax.Array, jax.Array]:
     features = self.backbone(x, train=train, groups=groups)
-    projection = _MLPHead(self.backbone.num_features, self.head_dim, self.backbone.dtype,
-                          self.backbone.param_dtype, name="head")(features)
+    if self.mlp_head:
+      projection = _MLPHead(self.backbone.num_features, self.head_dim, self.backbone.dtype,
+                            self.backbone.param_dtype, name="head")(features)
+    else:
+      projection = _torch_dense(self.head_dim, features.shape[-1], self.backbone.dtype,
+                                self.backbone.param_dtype, "head")(features).astype(jnp.float32)
     return features, projection
 
 
@@ -181,11 +187,17 @@ class _MLPHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
-    dense = lambda n, fan_in, name: nn.Dense(
-        n, kernel_init=_TORCH_LINEAR, bias_init=_torch_linear_bias(fan_in), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
-    h = nn.relu(dense(self.hidden, features.shape[-1], "hidden")(features))
-    return dense(self.out_dim, self.hidden, "output")(h).astype(jnp.float32)
+    h = nn.relu(_torch_dense(self.hidden, features.shape[-1], self.dtype, self.param_dtype,
+                             "hidden")(features))
+    return _torch_dense(self.out_dim, self.hidden, self.dtype, self.param_dtype,
+                        "output")(h).astype(jnp.float32)
+
+
+def _torch_dense(features: int, fan_in: int, dtype: Dtype, param_dtype: Dtype,
+                 name: str) -> nn.Dense:
+  """A Dense initialised as torch's nn.Linear."""
+  return nn.Dense(features, kernel_init=_TORCH_LINEAR, bias_init=_torch_linear_bias(fan_in),
+                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def resnet(arch: str, **kwargs) -> ResNet:
@@ -209,11 +221,11 @@ def resnet50(**kwargs) -> ResNet:
 
 
 def build_encoder(arch: str, *, stem: str = "imagenet", width: int = 64, head_dim: int = 128,
-                  dtype: Dtype = jnp.float32, zero_init_residual: bool = False,
+                  mlp_head: bool = True, dtype: Dtype = jnp.float32, zero_init_residual: bool = False,
                   bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
                   axis_name: str | None = parallel.AXIS, conv_impl: str = "auto") -> MocoEncoder:
-  """A MoCo-v2 encoder on `ARCHS[arch]` (ValueError naming the choices for an unknown arch)."""
+  """A MoCo encoder on `ARCHS[arch]` (ValueError naming the choices for an unknown arch)."""
   backbone = resnet(arch, stem=stem, width=width, zero_init_residual=zero_init_residual,
                     dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
                     axis_name=axis_name, conv_impl=conv_impl)
-  return MocoEncoder(backbone=backbone, head_dim=head_dim)
+  return MocoEncoder(backbone=backbone, head_dim=head_dim, mlp_head=mlp_head)

@@ -29,6 +29,7 @@ class MetricWriter:
     self._active = jax.process_index() == 0
     self._path = workdir_lib.path(workdir) / filename
     self._tb = None
+    self._tb_errors = []   # What tensorboardX's writing thread met (_keep_errors).
     # A bucket's objects cannot be appended to (gcsfs silently overwrites): there
     # the file is rewritten with every record.
     self._lines = None
@@ -41,7 +42,7 @@ class MetricWriter:
       self._continued = text
       if not workdir_lib.is_local(workdir):
         self._lines = [text] if text else []
-      self._tb = _summary_writer(str(workdir_lib.path(workdir) / tensorboard))
+      self._tb = _summary_writer(str(workdir_lib.path(workdir) / tensorboard), self._tb_errors)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
@@ -54,6 +55,9 @@ class MetricWriter:
     else:
       self._lines.append(line)
       self._path.write_text("".join(self._lines))
+    if self._tb is not None and self._tb_errors:
+      _give_up_events(_file_writers(self._tb), self._tb_errors[0])
+      self._tb = None
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -71,7 +75,7 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      _close_summary_writer(self._tb)
+      _close_summary_writer(self._tb, self._tb_errors)
       self._tb = None
 
 
@@ -109,8 +113,9 @@ def _complete_lines(path) -> str:
   return text
 
 
-def _summary_writer(logdir: str):
-  """tensorboardX's SummaryWriter for `logdir`, or None where it cannot write there."""
+def _summary_writer(logdir: str, errors: list):
+  """tensorboardX's SummaryWriter for `logdir`, or None where it cannot write there;
+  what its writing thread meets goes into `errors` (_keep_errors)."""
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy)
   from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
   if "://" in logdir and not (logdir.startswith("gs://") and record_writer.GCS_ENABLED):
@@ -118,23 +123,45 @@ def _summary_writer(logdir: str):
                     "gs:// with google-cloud-storage installed (pip install -e '.[gcs]'); "
                     "metrics.jsonl has the same numbers", logdir)
     return None
-  return SummaryWriter(logdir)
+  tb = SummaryWriter(logdir)
+  for writer in _file_writers(tb):
+    _keep_errors(writer.event_writer._ev_writer, errors)  # pylint: disable=protected-access
+  return tb
+
+
+def _keep_errors(events_file, errors: list) -> None:
+  """An exception in tensorboardX's writing thread (a full disk, a bucket out of reach)
+  ends that thread, after which its bounded queue fills and the next `add_scalar`
+  blocks the training loop for good. Instead the event file's writes and flushes keep
+  the first error in `errors` and do nothing after it, so the thread drains the queue
+  and MetricWriter gives the events up with one warning."""
+  for name in ("write_event", "flush"):
+    method = getattr(events_file, name)
+
+    def guarded(*args, _method=method):
+      if errors:
+        return None
+      try:
+        return _method(*args)
+      except Exception as e:  # pylint: disable=broad-except  (reported by MetricWriter)
+        errors.append(e)
+        return None
+    setattr(events_file, name, guarded)
 
 
 # How long closing waits for tensorboardX's last flush. Its gs:// writer uploads the
 # whole event file then, and google-cloud-storage retries that for up to 120 s when
 # the bucket is out of reach (116 s measured against a stopped server).
 TB_CLOSE_TIMEOUT_S = 20.0
+# How long giving up waits for tensorboardX's thread to take its stop signal: once the
+# file's writes are no-ops it drains a queue of at most 10 events at once.
+TB_THREAD_STOP_S = 5.0
 
 
-def _close_summary_writer(tb) -> None:
+def _close_summary_writer(tb, errors: list) -> None:
   """Closes tensorboardX's writer. Its last flush may fail or hang (a full disk, a bucket
-  out of reach): the pending events are then given up with one warning (metrics.jsonl
-  holds the numbers) and the event files abandoned, since tensorboardX's atexit hook
-  and the files' finalizers would each flush again, ending the run's one-paragraph
-  error with a traceback or another 120 s of retries."""
-  writers = list((tb.all_writers or {}).values())
-  errors = []
+  out of reach): the pending events are then given up (_give_up_events)."""
+  writers = _file_writers(tb)   # (tb.close() forgets them)
 
   def close():
     try:
@@ -144,12 +171,23 @@ def _close_summary_writer(tb) -> None:
   closing = threading.Thread(target=close, daemon=True)
   closing.start()
   closing.join(TB_CLOSE_TIMEOUT_S)
-  if not (errors or closing.is_alive()):
-    for writer in writers:   # Closed; but a gs:// file uploads itself again when collected.
-      _no_more_uploads(writer.event_writer)
+  if errors or closing.is_alive():
+    _give_up_events(writers, errors[0] if errors else f"not done after {TB_CLOSE_TIMEOUT_S:.0f} s")
     return
-  why = (f"{type(errors[0]).__name__}: {str(errors[0])[:300]}" if errors
-         else f"not done after {TB_CLOSE_TIMEOUT_S:.0f} s")
+  for writer in writers:   # Closed; but a gs:// file uploads itself again when collected.
+    _no_more_uploads(writer.event_writer)
+
+
+def _file_writers(tb) -> list:
+  return list((tb.all_writers or {}).values())
+
+
+def _give_up_events(writers: list, why: Exception | str) -> None:
+  """One warning (metrics.jsonl holds the numbers), then the event files abandoned:
+  tensorboardX's atexit hook and the files' finalizers would each flush again, ending
+  the run's output with a traceback or another 120 s of retries."""
+  if isinstance(why, Exception):
+    why = f"{type(why).__name__}: {str(why)[:300]}"
   logging.warning("TensorBoard events in %s not all written (%s); metrics.jsonl has the "
                   "same numbers", writers[0].get_logdir() if writers else "?", why)
   for writer in writers:
@@ -158,17 +196,19 @@ def _close_summary_writer(tb) -> None:
 
 def _abandon(events) -> None:
   """tensorboardX's EventFileWriter marked closed (its atexit hook skips it), its thread
-  told to stop (else it dies on the queue closed at exit, with a traceback), and the file
-  under it closed without a flush: a local file closes even when its flush fails; a
-  gs:// one no longer flushes, so its finalizer uploads nothing."""
+  stopped (else, still waiting on its queue at exit, it dies with a traceback when the
+  queue is closed), and the file under it closed without a flush: a local file closes
+  even when its flush fails; a gs:// one no longer flushes, so its finalizer uploads
+  nothing."""
   # pylint: disable=protected-access
   events._closed = True
   worker = events._worker
   if worker is not None and worker.is_alive():
     try:
-      events._event_queue.put_nowait(worker._shutdown_signal)
-    except Exception:  # pylint: disable=broad-except  (a full queue: its thread is dead)
+      events._event_queue.put(worker._shutdown_signal, timeout=TB_THREAD_STOP_S)
+    except Exception:  # pylint: disable=broad-except  (a queue that stays full: a stuck thread)
       pass
+    worker.join(TB_THREAD_STOP_S)
   if not _no_more_uploads(events):
     try:
       events._ev_writer._py_recordio_writer._writer.close()

@@ -126,9 +126,10 @@ def check_clips(config: ml_collections.ConfigDict) -> None:
   if c.data.get("num_frames") != frames:
     raise ValueError(f"config.data.num_frames={c.data.get('num_frames')} must be "
                      f"model.num_seq x model.seq_len = {frames}")
-  if not 0 < c.aug.crop_size <= c.data.image_size:
-    raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in "
-                     f"[1, config.data.image_size={c.data.image_size}]")
+  side = min(c.data.image_size, c.data.get("frame_width") or c.data.image_size)
+  if not 0 < c.aug.crop_size <= side:
+    raise ValueError(f"config.aug.crop_size={c.aug.crop_size} must be in [1, {side}], the "
+                     f"frames' shorter side (config.data.image_size, config.data.frame_width)")
 
 
 def augment(config: ml_collections.ConfigDict, keys: jax.Array, clips: jax.Array) -> jax.Array:

@@ -5,9 +5,10 @@ backbone runs in inference mode (running BN averages, nothing of it changes),
 a linear classifier on its pooled features (kernel ~ N(0, 0.01), bias 0) is
 trained with SGD (lr 30, momentum 0.9, no weight decay, lr x0.1 at epochs 60
 and 80 of 100) on RandomResizedCrop (scale (0.08, 1)) + horizontal flip views;
-the crop is made on device from the decoded image, or on the host from the
-original photo (`data.crops='host'`, data/crops.py: batches of uint8
-[B, 1, S, S, C]); evaluation (the 'classification' evaluator) center-crops.
+the crop is made on device from the decoded image, or from the original
+photo (`data.crops='host'`, data/crops.py: batches of uint8 [B, 1, S, S, C];
+or `'canvas'`: its box drawn on the host, resized in the step); evaluation
+(the 'classification' evaluator) center-crops.
 
 The backbone comes from `config.pretrained_workdir`: a MoCo run, or a workdir
 written by `python -m nda_jax.importers.moco_pytorch` (released weights),
@@ -177,13 +178,14 @@ class LinearProbe(method_lib.Method):
     ks = [k for k in TOPK if k <= c.data.num_classes]
     crop, scale, p_flip = self.crop_size, tuple(c.aug.scale), float(c.aug.p_flip)
     on_host = moco.host_crops(c)
+    images_of = moco.step_images(c)
 
     def step(state: LinearProbeState, batch: dict) -> tuple[LinearProbeState, dict]:
-      images = images_lib.to_float(batch["image"])
+      images = images_of(batch)
       labels = batch["label"]
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
-      if on_host:   # [b, 1, S, S, C]: the crop, made on the host
+      if on_host:   # [b, 1, S, S, C]: the crop of the original photo
         view = images[:, 0]
       else:
         view = positive.random_resized_crop(

@@ -90,8 +90,9 @@ class Method:
     raise NotImplementedError
 
   def step_batch(self, host_batch: Batch) -> Batch:
-    """This process's host batch -> the arrays the step takes (uint8 images stay uint8)."""
-    return {k: host_batch[k] for k in ("image", "label") if k in host_batch}
+    """This process's host batch -> the arrays the step takes (uint8 images stay uint8;
+    'boxes' go along with a canvas, data/pipeline.py)."""
+    return {k: host_batch[k] for k in ("image", "label", "boxes") if k in host_batch}
 
   def make_step(self) -> StepFn:
     """The per-device step (state, batch) -> (state, metrics), with named-axis collectives

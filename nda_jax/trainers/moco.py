@@ -5,9 +5,10 @@ MoCo-v2 (He et al. 2020, Chen et al. 2020; facebookresearch/moco
 not change: a query encoder trained by SGD, a key encoder that is its
 momentum copy (updated before the keys are computed), InfoNCE against a queue
 of K past keys, two aug+ views per image. `data.crops` says where the views'
-RandomResizedCrops are made: 'device' (from the decoded image, in the step)
-or 'host' (from the original photo, data/crops.py: batches of uint8
-[B, 2, S, S, C], and the step does the rest of aug+).
+RandomResizedCrops are made: 'device' (from the decoded image, in the step),
+'host' (from the original photo, data/crops.py: batches of uint8
+[B, 2, S, S, C]) or 'canvas' (boxes of the original photo drawn on the host,
+resized in the step: `step_images`); the step does the rest of aug+.
 
 NDA (Sinha et al. 2021, section 4): an NDA of each query's view (or of the
 image, before its augmentation) is encoded by the KEY encoder in its own
@@ -56,6 +57,7 @@ from nda_jax.trainers import method as method_lib
 PyTree = Any
 
 NDA_SOURCES = ("query_view", "image")
+MONITOR_FEATURES = ("backbone", "head")   # what embed_fn gives the kNN monitor
 
 
 @flax.struct.dataclass
@@ -76,13 +78,25 @@ class MoCoState:
 def build_encoder(config: ml_collections.ConfigDict) -> resnet.MocoEncoder:
   m = config.model
   return resnet.build_encoder(m.arch, stem=m.stem, width=m.width, head_dim=m.head_dim,
-                              dtype=method_lib.compute_dtype(config), conv_impl=m.conv_impl)
+                              mlp_head=m.mlp_head, dtype=method_lib.compute_dtype(config),
+                              conv_impl=m.conv_impl)
 
 
 def host_crops(config: ml_collections.ConfigDict) -> bool:
-  """Whether the data pipeline makes the training crops (config.data.crops='host');
-  ValueError naming the key for another value or bad config.data.views."""
+  """Whether the training crops are cut from the original photo (config.data.crops='host'
+  or 'canvas'); ValueError naming the key for another value or bad config.data.views."""
+  pipeline.canvas_size(config.data)
   return pipeline.view_spec(config.data) is not None
+
+
+def step_images(config: ml_collections.ConfigDict) -> Callable[[dict], jax.Array]:
+  """batch -> the step's float images in [-1, 1]: for crops='canvas' the views
+  [B, num, S, S, C] resized on device from the canvas and its boxes, else the batch's images."""
+  if pipeline.canvas_size(config.data) is None:
+    return lambda batch: images_lib.to_float(batch["image"])
+  size = int(config.data.views.size)
+  return lambda batch: images_lib.to_float(
+      images_lib.resized_crops(batch["image"], batch["boxes"], size))
 
 
 def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
@@ -95,7 +109,7 @@ def check_host_views(config: ml_collections.ConfigDict, *, num: int, size: int,
   if got is not None:
     got = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()}
   if got != want:
-    raise ValueError(f"config.data.crops='host' makes the training crops from "
+    raise ValueError(f"config.data.crops={config.data.crops!r} makes the training crops from "
                      f"config.data.views={got}, but this recipe takes {want} (aug.crop_size, "
                      f"aug.scale, torchvision's ratio): set config.data.views to match")
 
@@ -152,6 +166,9 @@ class MoCo(method_lib.Method):
       raise ValueError(f"config.moco.momentum={c.moco.momentum} must be in [0, 1)")
     if c.moco.temperature <= 0:
       raise ValueError(f"config.moco.temperature={c.moco.temperature} must be > 0")
+    if c.moco.monitor_features not in MONITOR_FEATURES:
+      raise ValueError(f"config.moco.monitor_features={c.moco.monitor_features!r}; valid "
+                       f"choices: {MONITOR_FEATURES}")
     if b % c.model.bn_group_size or b // c.model.bn_group_size < 3:
       raise ValueError(f"config.model.bn_group_size={c.model.bn_group_size} must divide the "
                        f"batch {b} into at least 3 BN groups (keys are normalised in groups "
@@ -172,8 +189,9 @@ class MoCo(method_lib.Method):
       check_host_views(c, num=2, size=c.aug.crop_size, scale=c.aug.scale)
       if c.nda.enabled and c.nda.source == "image":
         raise ValueError("config.nda.source='image' applies the NDA to the image before its "
-                         "crop, which config.data.crops='host' makes on the host: use "
-                         "--config.data.crops=device or --config.nda.source=query_view")
+                         f"crop, which config.data.crops={c.data.crops!r} cuts from the "
+                         "original photo: use --config.data.crops=device or "
+                         "--config.nda.source=query_view")
     images_lib.normalize_input(c, jnp.zeros((1, 1, 1, c.data.channels)))
     build_encoder(c)
     if probe_enabled(c):
@@ -229,6 +247,7 @@ class MoCo(method_lib.Method):
                             blur_sigma=tuple(c.aug.blur_sigma), p_blur=c.aug.p_blur,
                             p_flip=c.aug.p_flip)
     on_host = host_crops(c)
+    images_of = step_images(c)
 
     def views(key, images, b, crop=True):
       return aug(parallel.per_example_keys(key, b), images, crop=crop)
@@ -240,10 +259,10 @@ class MoCo(method_lib.Method):
       return _normalize(projection), mutated["batch_stats"], features
 
     def step(state: MoCoState, batch: dict) -> tuple[MoCoState, dict]:
-      images = images_lib.to_float(batch["image"])
+      images = images_of(batch)
       b = images.shape[0]
       key = jax.random.fold_in(state.rng, state.step)
-      if on_host:   # [b, 2, S, S, C]: the two crops, made on the host
+      if on_host:   # [b, 2, S, S, C]: the two crops of the original photo
         query_view = views(jax.random.fold_in(key, 0), images[:, 0], b, crop=False)
         key_view = views(jax.random.fold_in(key, 1), images[:, 1], b, crop=False)
       else:
@@ -327,10 +346,11 @@ class MoCo(method_lib.Method):
 
   # ---------------------------------------------------------------- evaluation
   def make_eval_fns(self, dp: parallel.DataParallel) -> dict[str, Callable[..., Any]]:
-    """embed_fn(state, uint8 images): pooled backbone features of the query encoder
-    in inference mode (running BN averages), sharded over the mesh; with the online
-    probe, classify_fn(state, uint8 images): its logits on those features."""
-    fns = {"embed_fn": make_embedder(self.config, dp)}
+    """embed_fn(state, uint8 images): the kNN monitor's features of the query encoder
+    (config.moco.monitor_features) in inference mode (running BN averages), sharded
+    over the mesh; with the online probe, classify_fn(state, uint8 images): its
+    logits on the pooled backbone features."""
+    fns = {"embed_fn": make_embedder(self.config, dp, self.config.moco.monitor_features)}
     if probe_enabled(self.config):
       embed = make_embedder(self.config)
       fns["classify_fn"] = dp.map_over_batch(
@@ -338,9 +358,10 @@ class MoCo(method_lib.Method):
     return fns
 
 
-def make_embedder(config: ml_collections.ConfigDict,
-                  dp: parallel.DataParallel | None = None) -> Callable[..., jax.Array]:
-  """`embed(state_or_variables, uint8 images) -> [B, F]` backbone features (before the head).
+def make_embedder(config: ml_collections.ConfigDict, dp: parallel.DataParallel | None = None,
+                  features: str = "backbone") -> Callable[..., jax.Array]:
+  """`embed(state_or_variables, uint8 images) -> [B, F]`: the pooled backbone features
+  ('backbone') or the head's projection ('head', what MoCo's CIFAR demo monitors).
 
   Takes a MoCoState (query encoder) or {'params', 'batch_stats'} of a MocoEncoder.
   """
@@ -353,7 +374,7 @@ def make_embedder(config: ml_collections.ConfigDict,
       variables = state
     x = images_lib.normalize_input(config, images_lib.center_crop(images_lib.to_float(images_u8),
                                                                  config.aug.crop_size))
-    features, _ = encoder.apply(variables, x, train=False)
-    return features
+    pooled, projection = encoder.apply(variables, x, train=False)
+    return pooled if features == "backbone" else projection
 
   return jax.jit(embed) if dp is None else dp.map_over_batch(embed)

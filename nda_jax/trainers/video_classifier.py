@@ -25,9 +25,8 @@ Training views (made on device, one draw per clip, as DPC's
 horizontal flip, and colour jitter (0.5, 0.5, 0.5, 0.25) with p 0.3
 (`positive.mocov2_aug_video` without grayscale and blur). Evaluation views:
 the central `aug.crop_size` square scaled to `aug.out_size`
-(`trainers.dpc.center_view`, DPC's CenterCrop(224) + Scale(128)). The host
-frames are the central square of each frame (data/video_frames.py), where DPC
-crops from the whole 320x240 frame.
+(`trainers.dpc.center_view`, DPC's CenterCrop(224) + Scale(128)), both of the
+whole 320x240 frames (data/video_frames.py, `data.frame_width`), as DPC's.
 
 The encoder comes from `config.pretrained_workdir`, a DPC run read through
 the trainer registry (`trainers.load_run`, checkpoint
