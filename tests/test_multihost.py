@@ -34,6 +34,7 @@ from nda_jax import trainers
 from nda_jax.data import pipeline
 from nda_jax.trainers import loop
 from test_gan_trainer import assert_states_close
+from test_gan_trainer import loose_fraction
 from test_gan_trainer import tiny_config
 import test_moco
 
@@ -254,12 +255,22 @@ def straight_runs(tmp_path_factory):
 @pytest.mark.parametrize("first, then", [(0, 1), (1, 4)], ids=["8_to_1", "1_to_4"])
 def test_resume_on_another_device_count(straight_runs, tmp_path, first, then):
   """2 iterations on `first` devices (0: all 8), 2 more on `then`: the state of 4
-  uninterrupted iterations on `first` devices, up to summation order."""
+  uninterrupted iterations on `first` devices, up to summation order.
+
+  How many elements may differ beyond float tolerance is what changing the device
+  count does by itself (4 iterations on `then` vs on `first` devices), not a fixed 1%:
+  measured on an AMD EPYC (Zen 5), 11.0% of all elements for 1 vs 8 devices, every one
+  in G's Adam first moments (b1=0: its last gradient), at most 3% of their leaf's scale
+  (the 10% bound holds); 8 -> 1 resumed vs 8 straight 7.7% (on the Xeon where the 1%
+  was set, this test passed under it). A resume that lost state would exceed the device
+  count's own drift."""
   split = tmp_path / "split"
   loop.train_and_evaluate(config(max_devices=first, **{"train.total_steps": 2}), str(split))
   loop.train_and_evaluate(config(max_devices=then), str(split))
   assert [r["step"] for r in logs.read_metrics(str(split))] == list(range(1, STEPS + 1))
-  assert_states_close(state_of(split), state_of(straight_runs(first)), steps=STEPS)
+  reference = state_of(straight_runs(first))
+  drift = loose_fraction(state_of(straight_runs(then)), reference)
+  assert_states_close(state_of(split), reference, steps=STEPS, max_loose=max(0.01, drift))
 
 
 def test_moco_two_processes_train_like_one(tmp_path, monkeypatch):
