@@ -546,8 +546,10 @@ def test_bad_config_names_the_key(overrides, fragments):
 
 
 def test_good_config_passes():
-  loop.devices_and_method(tiny_config())
-  loop.devices_and_method(tiny_config(**CONFIGS["variants"]))
+  for c in (tiny_config(), tiny_config(**CONFIGS["variants"])):
+    dp, method = loop.devices_and_method(c)
+    assert isinstance(method, moco.MoCo) and method.config is c
+    assert dp.num_devices == len(jax.devices())
 
 
 # ---------------------------------------------------------------- the notebook
